@@ -1,0 +1,28 @@
+"""Name -> factory tables with "did you mean" lookup; every pluggable piece is listed here."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+from catforge.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def lookup(table: Mapping[str, T], name: str, what: str) -> T:
+    """Return ``table[name]`` or raise a ConfigError listing valid names and the closest one."""
+    if name in table:
+        return table[name]
+    valid = ", ".join(sorted(table))
+    close = difflib.get_close_matches(name, list(table), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"unknown {what} '{name}'.{hint} Valid names: {valid}")
+
+
+def dataset_factories() -> dict[str, Callable[..., object]]:
+    """Dataset name (as in OCP configs' ``task.dataset``) -> dataset class."""
+    from catforge.data.lmdb import LmdbDataset
+
+    return {"lmdb": LmdbDataset, "single_point_lmdb": LmdbDataset, "trajectory_lmdb": LmdbDataset}
