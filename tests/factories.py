@@ -36,7 +36,9 @@ def emt_slab(
     tags = np.full(len(slab), 2)
     tags[:n_slab] = np.where(layer_tags == size[2], 0, 1)
     slab.set_tags(tags)
-    slab.set_constraint(FixAtoms(mask=np.r_[layer_tags == size[2], np.zeros(len(slab) - n_slab, dtype=bool)]))
+    slab.set_constraint(
+        FixAtoms(mask=np.r_[layer_tags == size[2], np.zeros(len(slab) - n_slab, dtype=bool)])
+    )
     slab.rattle(0.05, seed=seed)
     if labelled:
         slab.calc = EMT()

@@ -31,7 +31,7 @@ def test_collate_then_split_is_identity() -> None:
     assert batch.batch.bincount().tolist() == batch.natoms.tolist()
     starts = torch.cumsum(batch.natoms, 0) - batch.natoms
     first_edges = torch.cumsum(batch.neighbors, 0) - batch.neighbors
-    for index, graph in enumerate(originals):
+    for index in range(len(originals)):
         # Edge endpoints of structure `index` point into its own atom range.
         edge = first_edges[index]
         assert batch.edge_index[1, edge].item() == starts[index].item()

@@ -72,7 +72,9 @@ def graph_to_atoms(graph: AtomicGraph) -> Atoms:
     ``sid``, ``fid``, ``y_init``, ``y_relaxed`` go to ``atoms.info``.
     """
     if graph.n_graphs != 1:
-        raise ValueError(f"graph_to_atoms needs one structure, got {graph.n_graphs}; use batch_to_atoms")
+        raise ValueError(
+            f"graph_to_atoms needs one structure, got {graph.n_graphs}; use batch_to_atoms"
+        )
     atoms = Atoms(
         numbers=graph.atomic_numbers.cpu().numpy(),
         positions=graph.pos.detach().cpu().double().numpy(),

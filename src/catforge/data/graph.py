@@ -88,50 +88,42 @@ class AtomicGraph:
     ) -> AtomicGraph:
         """Build one validated structure from a mapping of arrays, tensors or scalars.
 
-        Floats become ``float_dtype``. Missing ``tags``/``fixed`` default to zeros/False, a missing ``pbc`` to periodic along
-        every non-zero cell vector, a missing ``natoms`` to ``len(pos)``. Unknown keys are ignored.
+        Floats become ``float_dtype``. Missing ``tags``/``fixed`` default to zeros/False, a
+        missing ``pbc`` to periodic along every non-zero cell vector, and ``natoms`` is always
+        ``len(pos)``. Unknown keys are ignored. Works on numpy arrays (this is the hot path of
+        every dataset read) and shares their memory with the returned tensors.
         """
-        if keys.POS not in fields or keys.ATOMIC_NUMBERS not in fields:
-            missing = keys.POS if keys.POS not in fields else keys.ATOMIC_NUMBERS
-            raise DataError(f"{source}: required field '{missing}' is missing")
-        values: dict[str, Tensor] = {}
+        for name in (keys.POS, keys.ATOMIC_NUMBERS):
+            if fields.get(name) is None:
+                raise DataError(f"{source}: required field '{name}' is missing")
+        np_float = torch.empty(0, dtype=float_dtype).numpy().dtype
+        arrays: dict[str, np.ndarray] = {}
         for name, spec in FIELDS.items():
-            if name == keys.BATCH or fields.get(name) is None:
-                continue
-            values[name] = _as_tensor(fields[name], spec, source, float_dtype)
-        pos = values[keys.POS].reshape(-1, 3) if values[keys.POS].numel() else values[keys.POS]
-        n_atoms = int(pos.shape[0])
-        values[keys.POS] = pos
-        values[keys.ATOMIC_NUMBERS] = values[keys.ATOMIC_NUMBERS].reshape(-1)
-        if keys.CELL not in values:
-            values[keys.CELL] = torch.zeros(3, 3, dtype=float_dtype)
-        values[keys.CELL] = values[keys.CELL].reshape(1, 3, 3)
-        if keys.PBC not in values:
-            values[keys.PBC] = values[keys.CELL][0].abs().sum(dim=1) > 0
-        values[keys.PBC] = values[keys.PBC].reshape(1, 3)
-        values[keys.NATOMS] = torch.tensor([n_atoms], dtype=torch.long)
-        values.setdefault(keys.TAGS, torch.zeros(n_atoms, dtype=torch.long))
-        values.setdefault(keys.FIXED, torch.zeros(n_atoms, dtype=torch.bool))
-        values[keys.BATCH] = torch.zeros(n_atoms, dtype=torch.long)
-        for name in (keys.TAGS, keys.FIXED):
-            values[name] = values[name].reshape(-1)
-        for name in (keys.FORCES, keys.POS_RELAXED):
-            if name in values:
-                values[name] = values[name].reshape(-1, 3)
+            if name != keys.BATCH and fields.get(name) is not None:
+                arrays[name] = _as_array(fields[name], spec, source, np_float)
+        n_atoms = arrays[keys.POS].size // 3
         for name, spec in FIELDS.items():
-            if spec.level is Level.GRAPH and spec.trailing_shape == () and name in values:
-                values[name] = values[name].reshape(-1)
-        if keys.EDGE_INDEX in values:
-            values[keys.EDGE_INDEX] = values[keys.EDGE_INDEX].reshape(2, -1)
-            n_edges = values[keys.EDGE_INDEX].shape[1]
-            if keys.CELL_OFFSETS not in values:
-                values[keys.CELL_OFFSETS] = torch.zeros(n_edges, 3, dtype=torch.long)
-            values[keys.CELL_OFFSETS] = values[keys.CELL_OFFSETS].reshape(-1, 3)
-            values[keys.NEIGHBORS] = torch.tensor([n_edges], dtype=torch.long)
+            if name in arrays and name != keys.EDGE_INDEX:
+                level_count = n_atoms if spec.level is Level.ATOM else -1
+                arrays[name] = _reshape(
+                    arrays[name], (level_count, *spec.trailing_shape), name, source
+                )
+        cell = arrays.setdefault(keys.CELL, np.zeros((1, 3, 3), dtype=np_float))
+        arrays.setdefault(keys.PBC, np.abs(cell[0]).sum(axis=1)[None] > 0)
+        arrays[keys.NATOMS] = np.array([n_atoms], dtype=np.int64)
+        arrays.setdefault(keys.TAGS, np.zeros(n_atoms, dtype=np.int64))
+        arrays.setdefault(keys.FIXED, np.zeros(n_atoms, dtype=bool))
+        arrays[keys.BATCH] = np.zeros(n_atoms, dtype=np.int64)
+        if keys.EDGE_INDEX in arrays:
+            edges = _reshape(arrays[keys.EDGE_INDEX], (2, -1), keys.EDGE_INDEX, source)
+            arrays[keys.EDGE_INDEX] = edges
+            arrays.setdefault(keys.CELL_OFFSETS, np.zeros((edges.shape[1], 3), dtype=np.int64))
+            arrays[keys.NEIGHBORS] = np.array([edges.shape[1]], dtype=np.int64)
         else:
-            values.pop(keys.CELL_OFFSETS, None)
-            values.pop(keys.NEIGHBORS, None)
-        return cls(**values).validate(source)
+            arrays.pop(keys.CELL_OFFSETS, None)
+            arrays.pop(keys.NEIGHBORS, None)
+        check_arrays(arrays, source)
+        return cls(**{name: torch.from_numpy(array) for name, array in arrays.items()})
 
     def to_fields(self) -> dict[str, np.ndarray]:
         """The fields of a single structure as numpy arrays (the LMDB storage layout)."""
@@ -145,71 +137,88 @@ class AtomicGraph:
 
     def validate(self, source: str = "structure") -> AtomicGraph:
         """Check shapes, dtypes, counts and finiteness; raise DataError naming the bad field."""
-        counts = {Level.ATOM: self.n_atoms, Level.GRAPH: self.n_graphs, Level.EDGE: self.n_edges}
-        for name in self.present():
-            spec = FIELDS[name]
-            value: Tensor = getattr(self, name)
-            if name == keys.EDGE_INDEX:
-                expected: tuple[int, ...] = (2, self.n_edges)
-            else:
-                expected = (counts[spec.level], *spec.trailing_shape)
-            if tuple(value.shape) != expected:
-                raise DataError(
-                    f"{source}: field '{name}' has shape {tuple(value.shape)}, expected {expected} "
-                    f"({spec.doc})"
-                )
-            if _kind(value) != spec.kind:
-                raise DataError(
-                    f"{source}: field '{name}' has dtype {value.dtype}, expected a {spec.kind} tensor"
-                )
-            if spec.kind == "float" and not bool(torch.isfinite(value).all()):
-                raise DataError(f"{source}: field '{name}' contains NaN or infinite values")
-        if int(self.natoms.sum()) != self.n_atoms:
-            raise DataError(
-                f"{source}: 'natoms' sums to {int(self.natoms.sum())} but 'pos' has {self.n_atoms} atoms"
-            )
-        if (self.atomic_numbers < 1).any() or (self.atomic_numbers > 118).any():
-            raise DataError(f"{source}: 'atomic_numbers' must lie in 1..118")
-        expected_batch = torch.repeat_interleave(
-            torch.arange(self.n_graphs, device=self.natoms.device), self.natoms
+        check_arrays(
+            {name: getattr(self, name).detach().cpu().numpy() for name in self.present()}, source
         )
-        if not torch.equal(self.batch, expected_batch):
-            raise DataError(f"{source}: 'batch' does not match 'natoms'")
-        self._validate_edges(source)
         return self
 
-    def _validate_edges(self, source: str) -> None:
-        if self.edge_index is None:
-            if self.cell_offsets is not None or self.neighbors is not None:
-                raise DataError(f"{source}: 'cell_offsets'/'neighbors' given without 'edge_index'")
-            return
-        if self.cell_offsets is None or self.neighbors is None:
-            raise DataError(f"{source}: 'edge_index' needs 'cell_offsets' and 'neighbors'")
-        if self.n_edges and (self.edge_index.min() < 0 or self.edge_index.max() >= self.n_atoms):
-            raise DataError(f"{source}: 'edge_index' refers to atoms outside 0..{self.n_atoms - 1}")
-        if int(self.neighbors.sum()) != self.n_edges:
-            raise DataError(f"{source}: 'neighbors' does not sum to the number of edges")
+
+def check_arrays(arrays: Mapping[str, np.ndarray], source: str) -> None:
+    """Validate the fields of a graph given as numpy arrays (see :meth:`AtomicGraph.validate`)."""
+    natoms = arrays[keys.NATOMS]
+    n_atoms = len(arrays[keys.POS])
+    edge_index = arrays.get(keys.EDGE_INDEX)
+    n_edges = 0 if edge_index is None or edge_index.ndim != 2 else edge_index.shape[1]
+    counts = {Level.ATOM: n_atoms, Level.GRAPH: len(natoms), Level.EDGE: n_edges}
+    for name, array in arrays.items():
+        spec = FIELDS[name]
+        if name == keys.EDGE_INDEX:
+            expected: tuple[int, ...] = (2, n_edges)
+        else:
+            expected = (counts[spec.level], *spec.trailing_shape)
+        if array.shape != expected:
+            raise DataError(
+                f"{source}: field '{name}' has shape {array.shape}, expected {expected}: {spec.doc}"
+            )
+        if _KINDS.get(array.dtype.kind) != spec.kind:
+            raise DataError(
+                f"{source}: field '{name}' has dtype {array.dtype}, expected {spec.kind}"
+            )
+        if spec.kind == "float" and not np.isfinite(array).all():
+            raise DataError(f"{source}: field '{name}' contains NaN or infinite values")
+    if natoms.sum() != n_atoms:
+        total = int(natoms.sum())
+        raise DataError(f"{source}: 'natoms' sums to {total} but 'pos' has {n_atoms} atoms")
+    numbers = arrays[keys.ATOMIC_NUMBERS]
+    if numbers.size and (numbers.min() < 1 or numbers.max() > 118):
+        raise DataError(f"{source}: 'atomic_numbers' must lie in 1..118")
+    if not np.array_equal(arrays[keys.BATCH], np.repeat(np.arange(len(natoms)), natoms)):
+        raise DataError(f"{source}: 'batch' does not match 'natoms'")
+    _validate_edges(arrays, n_atoms, source)
 
 
-def _kind(value: Tensor) -> str:
-    if value.dtype == torch.bool:
-        return "bool"
-    return "float" if value.is_floating_point() else "long"
+def _validate_edges(arrays: Mapping[str, np.ndarray], n_atoms: int, source: str) -> None:
+    edge_index = arrays.get(keys.EDGE_INDEX)
+    if edge_index is None:
+        if keys.CELL_OFFSETS in arrays or keys.NEIGHBORS in arrays:
+            raise DataError(f"{source}: 'cell_offsets'/'neighbors' given without 'edge_index'")
+        return
+    if keys.CELL_OFFSETS not in arrays or keys.NEIGHBORS not in arrays:
+        raise DataError(f"{source}: 'edge_index' needs 'cell_offsets' and 'neighbors'")
+    if edge_index.size and (edge_index.min() < 0 or edge_index.max() >= n_atoms):
+        raise DataError(f"{source}: 'edge_index' refers to atoms outside 0..{n_atoms - 1}")
+    if arrays[keys.NEIGHBORS].sum() != edge_index.shape[1]:
+        raise DataError(f"{source}: 'neighbors' does not sum to the number of edges")
 
 
-def _as_tensor(value: Any, spec: keys.FieldSpec, source: str, float_dtype: torch.dtype) -> Tensor:
-    """Convert an array, tensor or scalar to the dtype the field's spec asks for."""
+_KINDS = {"b": "bool", "f": "float", "i": "long", "u": "long"}
+
+
+def _as_array(value: Any, spec: keys.FieldSpec, source: str, np_float: np.dtype) -> np.ndarray:
+    """Convert an array, tensor or scalar to a writable numpy array of the field's dtype."""
+    if isinstance(value, Tensor):
+        value = value.detach().cpu().numpy()
     try:
-        tensor = torch.as_tensor(np.asarray(value) if not isinstance(value, Tensor) else value)
+        array = np.asarray(value)
+        if spec.kind == "float":
+            array = array.astype(np_float, copy=False)
+        elif spec.kind == "bool":
+            array = array != 0 if array.dtype != np.bool_ else array
+        else:
+            if np.issubdtype(array.dtype, np.floating) and not np.array_equal(
+                np.round(array), array
+            ):
+                raise DataError(f"{source}: field '{spec.name}' must hold integers")
+            array = array.astype(np.int64, copy=False)
     except (TypeError, ValueError) as error:
-        raise DataError(f"{source}: field '{spec.name}' cannot be read as an array: {error}") from error
-    if spec.kind == "float":
-        return tensor.to(float_dtype)
-    if spec.kind == "bool":
-        return tensor != 0 if tensor.dtype != torch.bool else tensor
-    if tensor.is_floating_point():
-        rounded = tensor.round()
-        if not torch.equal(rounded, tensor):
-            raise DataError(f"{source}: field '{spec.name}' must hold integers")
-        tensor = rounded
-    return tensor.long()
+        message = f"{source}: field '{spec.name}' cannot be read as an array: {error}"
+        raise DataError(message) from error
+    return array if array.flags.writeable else array.copy()
+
+
+def _reshape(array: np.ndarray, shape: tuple[int, ...], name: str, source: str) -> np.ndarray:
+    try:
+        return array.reshape(shape)
+    except ValueError as error:
+        expected = FIELDS[name].doc
+        raise DataError(f"{source}: field '{name}' has shape {array.shape}; {expected}") from error

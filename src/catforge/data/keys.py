@@ -60,17 +60,23 @@ POS_RELAXED = "pos_relaxed"
 _SPECS = (
     FieldSpec(POS, Level.ATOM, (3,), "float", "A", "Cartesian positions (n_atoms, 3)."),
     FieldSpec(ATOMIC_NUMBERS, Level.ATOM, (), "long", "", "Atomic numbers Z (n_atoms,)."),
-    FieldSpec(CELL, Level.GRAPH, (3, 3), "float", "A", "Cell, rows are lattice vectors (n_graphs, 3, 3)."),
+    FieldSpec(
+        CELL, Level.GRAPH, (3, 3), "float", "A", "Cell, rows are lattice vectors (n_graphs, 3, 3)."
+    ),
     FieldSpec(PBC, Level.GRAPH, (3,), "bool", "", "Periodic along each cell vector (n_graphs, 3)."),
     FieldSpec(NATOMS, Level.GRAPH, (), "long", "", "Atoms per structure (n_graphs,)."),
     FieldSpec(TAGS, Level.ATOM, (), "long", "", "OC20 tags: 0 subsurface, 1 surface, 2 adsorbate."),
     FieldSpec(FIXED, Level.ATOM, (), "bool", "", "True where an atom is fixed (FixAtoms)."),
     FieldSpec(BATCH, Level.ATOM, (), "long", "", "Index of the structure each atom belongs to."),
-    FieldSpec(EDGE_INDEX, Level.EDGE, (), "long", "", "(2, n_edges): row 0 neighbour j, row 1 centre i."),
+    FieldSpec(
+        EDGE_INDEX, Level.EDGE, (), "long", "", "(2, n_edges): row 0 neighbour j, row 1 centre i."
+    ),
     FieldSpec(CELL_OFFSETS, Level.EDGE, (3,), "long", "", "Cell image of j per edge (n_edges, 3)."),
     FieldSpec(NEIGHBORS, Level.GRAPH, (), "long", "", "Edges per structure (n_graphs,)."),
     FieldSpec(ENERGY, Level.GRAPH, (), "float", "eV", "Energy of the structure (n_graphs,)."),
-    FieldSpec(FORCES, Level.ATOM, (3,), "float", "eV/A", "Forces, fixed atoms included (n_atoms, 3)."),
+    FieldSpec(
+        FORCES, Level.ATOM, (3,), "float", "eV/A", "Forces, fixed atoms included (n_atoms, 3)."
+    ),
     FieldSpec(SID, Level.GRAPH, (), "long", "", "System id (OC20 random<sid>) (n_graphs,)."),
     FieldSpec(FID, Level.GRAPH, (), "long", "", "Frame index within a trajectory (n_graphs,)."),
     FieldSpec(ENERGY_INIT, Level.GRAPH, (), "float", "eV", "Energy of the initial structure."),
