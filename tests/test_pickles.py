@@ -18,6 +18,7 @@ import torch
 
 from catforge.data import pickles
 from catforge.data.graph import AtomicGraph
+from catforge.data.lmdb import LmdbDataset
 from catforge.data.pickles import dumps_entry, loads_entry, loads_pickle_file, normalize_id
 from catforge.errors import DataError
 
@@ -168,13 +169,10 @@ def test_fast_storage_path_matches_torch_load(dtype: torch.dtype, numel: int) ->
 def _legacy_lmdb_values() -> list[tuple[bytes, bytes]]:
     if not LEGACY_LMDB.exists():
         pytest.skip(f"{LEGACY_LMDB} is absent")
-    lmdb = pytest.importorskip("lmdb")
-    env = lmdb.open(str(LEGACY_LMDB), subdir=False, readonly=True, lock=False)
-    try:
-        with env.begin() as txn:
-            return [(bytes(key), bytes(value)) for key, value in txn.cursor()]
-    finally:
-        env.close()
+    # Through the dataset's shared environment: LMDB allows one open environment per file and
+    # process, and other tests of this process may hold it already.
+    dataset = LmdbDataset(LEGACY_LMDB)
+    return [(str(index).encode(), dataset.raw(index)) for index in range(len(dataset))]
 
 
 def test_legacy_is2re_lmdb_decodes() -> None:

@@ -1,0 +1,139 @@
+"""Summaries of an LMDB dataset: entries, fields, sizes, elements, energy and force statistics.
+
+:func:`info` returns a JSON-serialisable dict with the keys ``path``, ``entries``, ``fields``,
+``natoms``, ``elements``, ``energy_mean``, ``energy_std`` and ``force_std`` (what
+``catforge data info PATH --json`` prints; scripts rely on these names). :func:`format_info`
+renders it for people. Standard deviations are population values (``ddof=0``, like ``np.std``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase.data import chemical_symbols
+
+from catforge.data import keys
+from catforge.data.lmdb import LmdbDataset
+from catforge.progress import progress as progress_bar
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Moments", "format_info", "info"]
+
+
+class Moments:
+    """Running count, mean and sum of squared deviations (Chan et al.), mergeable across workers."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    def add(self, values: Any) -> None:
+        """Include every element of ``values``."""
+        array = np.asarray(values, dtype=np.float64).reshape(-1)
+        if array.size:
+            other = Moments()
+            other.count = int(array.size)
+            other.mean = float(array.mean())
+            other.m2 = float(((array - other.mean) ** 2).sum())
+            self.merge(other)
+
+    def merge(self, other: Moments) -> None:
+        """Include another accumulator's values."""
+        if other.count == 0:
+            return
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean += delta * other.count / total
+        self.m2 += other.m2 + delta * delta * self.count * other.count / total
+        self.count = total
+
+    @property
+    def std(self) -> float | None:
+        """Population standard deviation, or None when nothing was added."""
+        return None if self.count == 0 else float(np.sqrt(self.m2 / self.count))
+
+
+def info(path: str | Path, *, progress: bool = True) -> dict[str, Any]:
+    """Scan every entry of an LMDB file or folder and summarise it (see the module docstring).
+
+    ``fields`` maps each field name to the number of entries that have it (equal to ``entries``
+    when every entry has it). The energy statistics use ``y``, or ``y_relaxed`` when no entry
+    has ``y``; they and ``force_std`` are None when the field is absent.
+    """
+    dataset = LmdbDataset(path)
+    counts: dict[str, int] = {}
+    natoms: list[int] = []
+    elements: set[int] = set()
+    energies: dict[str, list[float]] = {keys.ENERGY: [], keys.ENERGY_RELAXED: []}
+    forces = Moments()
+    for index in progress_bar(range(len(dataset)), desc="info", enabled=progress):
+        fields = dataset.fields(index)
+        for name in fields:
+            counts[name] = counts.get(name, 0) + 1
+        numbers = np.asarray(fields[keys.ATOMIC_NUMBERS]).reshape(-1).astype(np.int64)
+        natoms.append(int(numbers.size))
+        elements.update(int(z) for z in np.unique(numbers))
+        for name, values in energies.items():
+            if fields.get(name) is not None:
+                values.append(float(np.asarray(fields[name], dtype=np.float64).reshape(-1)[0]))
+        if fields.get(keys.FORCES) is not None:
+            forces.add(fields[keys.FORCES])
+    energy = energies[keys.ENERGY] or energies[keys.ENERGY_RELAXED]
+    return {
+        "path": str(path),
+        "entries": len(dataset),
+        "fields": _ordered(counts),
+        "natoms": {
+            "min": min(natoms) if natoms else None,
+            "mean": float(np.mean(natoms)) if natoms else None,
+            "max": max(natoms) if natoms else None,
+        },
+        "elements": [chemical_symbols[z] for z in sorted(elements)],
+        "energy_mean": float(np.mean(energy)) if energy else None,
+        "energy_std": float(np.std(energy)) if energy else None,
+        "force_std": forces.std,
+    }
+
+
+def _ordered(counts: Mapping[str, int]) -> dict[str, int]:
+    """Field counts in canonical field order, unknown (e.g. legacy OCP) fields after, sorted."""
+    known = [name for name in keys.FIELDS if name in counts]
+    extra = sorted(name for name in counts if name not in keys.FIELDS)
+    return {name: counts[name] for name in [*known, *extra]}
+
+
+def format_info(summary: Mapping[str, Any]) -> str:
+    """Human-readable lines for a dict returned by :func:`info`."""
+    entries = summary["entries"]
+    fields: Mapping[str, int] = summary["fields"]
+    lines = [f"path: {summary.get('path', '?')}", f"entries: {entries}"]
+    lines.append("fields: " + (", ".join(fields) or "(none)"))
+    partial = [
+        f"{name} ({count} of {entries})" for name, count in fields.items() if count < entries
+    ]
+    if partial:
+        lines.append("  missing in some entries: " + ", ".join(partial))
+    natoms = summary["natoms"]
+    if natoms["min"] is not None:
+        low, mean, high = natoms["min"], natoms["mean"], natoms["max"]
+        lines.append(f"atoms per structure: min {low}, mean {mean:.2f}, max {high}")
+    lines.append("elements: " + (", ".join(summary["elements"]) or "(none)"))
+    if summary["energy_mean"] is None:
+        lines.append("energy: absent")
+    else:
+        name = keys.ENERGY if keys.ENERGY in fields else keys.ENERGY_RELAXED
+        lines.append(
+            f"energy ({name}): mean {summary['energy_mean']:.6g} eV, "
+            f"std {summary['energy_std']:.6g} eV"
+        )
+    force_std = summary["force_std"]
+    lines.append(
+        "forces: absent" if force_std is None else f"force components: std {force_std:.6g} eV/A"
+    )
+    return "\n".join(lines)
