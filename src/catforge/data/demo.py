@@ -1,0 +1,391 @@
+"""The embedded demo dataset: small OC20-like S2EF and IS2RE/IS2RS data labelled with ASE's EMT.
+
+``generate_demo`` builds random fcc metal slabs with small adsorbates (see
+:mod:`catforge.data.demo_systems`), relaxes each with EMT + LBFGS recording every frame, drops
+anomalous systems as OC20 does (:mod:`catforge.data.demo_anomalies`), splits the rest by system
+into train/val/test and writes::
+
+    s2ef/{train,val,test}/data.NNNN.lmdb  every frame: y (adsorption energy), force, sid, fid
+    is2re/{train,val,test}/data.lmdb      initial structures: y_init, y_relaxed, pos_relaxed, sid
+    stats.yml                             normalisation statistics and counts (OCP config YAML)
+
+Everything is written into a hidden temporary folder that is renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from catforge.data.atoms import atoms_to_graph
+from catforge.data.demo_anomalies import ANOMALY_KINDS
+from catforge.data.demo_systems import (
+    SystemResult,
+    init_worker,
+    label_system,
+    make_systems,
+    relax_system,
+)
+from catforge.data.graph import AtomicGraph
+from catforge.data.lmdb import write_lmdb, write_shards
+from catforge.errors import ConfigError, DataError
+from catforge.progress import progress as progress_bar
+
+__all__ = [
+    "SIZES",
+    "SPLITS",
+    "DemoSummary",
+    "generate_demo",
+    "label_systems",
+    "make_systems",
+    "relax_system",
+    "split_systems",
+]
+
+log = logging.getLogger(__name__)
+
+SIZES = {"tiny": 16, "small": 200, "medium": 1000, "large": 5000}
+"""Named sizes -> number of generated systems (before anomalous ones are dropped)."""
+SPLITS = ("train", "val", "test")
+VAL_FRACTION = TEST_FRACTION = 0.15
+_SPLIT_STREAM = (
+    1  # the split generator is default_rng([seed, 1]); make_systems uses default_rng(seed)
+)
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+@dataclass
+class DemoSummary:
+    """What :func:`generate_demo` wrote: counts, anomalies and normalisation statistics."""
+
+    out_dir: Path
+    size: str | int
+    seed: int
+    generated: int
+    systems: dict[str, int]
+    frames: dict[str, int]
+    anomalies: dict[str, int]
+    stats: dict[str, dict[str, float]]
+    seconds: float = field(default=0.0, compare=False)
+
+    def to_yaml(self) -> str:
+        """``stats.yml``: OCP ``dataset:`` entries with statistics from train, then the counts."""
+        s2ef, is2re = self.stats["s2ef"], self.stats["is2re"]
+        root = self.out_dir.resolve()
+        lines = [
+            "# catforge demo dataset: OC20-like adslabs labelled with ASE's EMT calculator.",
+            f"# size: {self.size}, seed: {self.seed}. Energies are adsorption energies (eV),",
+            "# E(adslab) - E(clean slab) - gas references; forces are raw (eV/A).",
+            "# Paste a task's `dataset:` list into an OCP config; statistics come from train.",
+            "s2ef:",
+            "  dataset:",
+            f"    - src: {root / 's2ef' / 'train'}",
+            "      normalize_labels: true",
+            f"      target_mean: {_num(s2ef['target_mean'])}",
+            f"      target_std: {_num(s2ef['target_std'])}",
+            "      grad_target_mean: 0.0",
+            f"      grad_target_std: {_num(s2ef['grad_target_std'])}  # OCP: = target_std",
+            f"    - src: {root / 's2ef' / 'val'}",
+            f"  force_std: {_num(s2ef['force_std'])}  # actual std of train force components",
+            "is2re:",
+            "  dataset:",
+            f"    - src: {root / 'is2re' / 'train' / 'data.lmdb'}",
+            "      normalize_labels: true",
+            f"      target_mean: {_num(is2re['target_mean'])}",
+            f"      target_std: {_num(is2re['target_std'])}",
+            f"    - src: {root / 'is2re' / 'val' / 'data.lmdb'}",
+            "  # IS2RS: put `relax_dataset: {src: <is2re/val/data.lmdb>}` inside `task:`.",
+            f"generated: {self.generated}",
+            f"systems: {_flow(self.systems)}",
+            f"frames: {_flow(self.frames)}",
+            f"anomalies: {_flow(self.anomalies)}",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def format(self) -> str:
+        """A short human summary followed by the YAML."""
+        kept = sum(self.systems.values())
+        head = (
+            f"demo dataset in {self.out_dir}: {kept} of {self.generated} systems kept, "
+            f"{sum(self.frames.values())} S2EF frames, built in {self.seconds:.1f} s"
+        )
+        return head + "\n" + self.to_yaml()
+
+
+def _num(value: float) -> str:
+    """A float as YAML 1.1 reads it back exactly (``1e-05`` needs a dot: ``1.0e-05``)."""
+    text = repr(float(value))
+    if "e" in text and "." not in text:
+        text = text.replace("e", ".0e")
+    return text
+
+
+def _flow(counts: dict[str, int]) -> str:
+    return "{" + ", ".join(f"{key}: {value}" for key, value in counts.items()) + "}"
+
+
+def resolve_size(size: str | int) -> int:
+    """Number of systems for a named size or an int."""
+    if isinstance(size, str) and size in SIZES:
+        return SIZES[size]
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 3:
+        return size
+    raise ConfigError(f"demo size {size!r}: use one of {', '.join(SIZES)} or an int >= 3")
+
+
+def shard_count(n_systems: int) -> int:
+    """S2EF shards per split: one per 50 generated systems, 2..16."""
+    return max(2, min(16, n_systems // 50))
+
+
+@contextmanager
+def _single_threaded_children() -> Iterator[None]:
+    """Set the BLAS/OpenMP thread variables to 1 while worker processes are spawned."""
+    saved = {name: os.environ.get(name) for name in _THREAD_VARS}
+    os.environ.update(dict.fromkeys(_THREAD_VARS, "1"))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def label_systems(
+    systems: Sequence[Atoms], *, workers: int = 1, progress: bool = True
+) -> list[SystemResult]:
+    """Relax and classify every system, in order, with ``workers`` spawned processes."""
+    bar = {"total": len(systems), "desc": "relaxing systems", "enabled": progress}
+    if workers <= 1:
+        return list(progress_bar(map(label_system, systems), **bar))
+    chunksize = max(1, min(8, len(systems) // (4 * workers)))
+    with _single_threaded_children():
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker)
+    with pool:
+        results = pool.imap(label_system, systems, chunksize=chunksize)
+        return list(progress_bar(results, **bar))
+
+
+def split_systems(sids: Sequence[int], rng: np.random.Generator) -> dict[str, list[int]]:
+    """Random 70/15/15 split by system (each split non-empty, sorted sids)."""
+    if len(sids) < len(SPLITS):
+        raise DataError(f"only {len(sids)} good systems; need at least 3 (use a larger size)")
+    order = rng.permutation(np.asarray(sids, dtype=np.int64))
+    n_val = max(1, round(VAL_FRACTION * len(order)))
+    n_test = max(1, round(TEST_FRACTION * len(order)))
+    n_train = len(order) - n_val - n_test
+    parts = (order[:n_train], order[n_train : n_train + n_val], order[n_train + n_val :])
+    return {
+        name: sorted(int(sid) for sid in part) for name, part in zip(SPLITS, parts, strict=True)
+    }
+
+
+def s2ef_graphs(initial: Atoms, result: SystemResult) -> Iterator[AtomicGraph]:
+    """Every frame of one trajectory: positions, adsorption energy y, raw forces, sid, fid."""
+    base = atoms_to_graph(initial, sid=result.sid, with_labels=False)
+    energies = result.adsorption_energies
+    for fid, (positions, forces) in enumerate(zip(result.positions, result.forces, strict=True)):
+        yield base.replace(
+            pos=torch.as_tensor(positions, dtype=torch.float32),
+            force=torch.as_tensor(forces, dtype=torch.float32),
+            y=torch.tensor([energies[fid]], dtype=torch.float32),
+            fid=torch.tensor([fid]),
+        )
+
+
+def is2re_graph(initial: Atoms, result: SystemResult) -> AtomicGraph:
+    """The initial structure with y_init, y_relaxed (adsorption energies) and pos_relaxed."""
+    energies = result.adsorption_energies
+    graph = atoms_to_graph(initial, sid=result.sid, with_labels=False).replace(
+        y_init=torch.tensor([energies[0]], dtype=torch.float32),
+        y_relaxed=torch.tensor([energies[-1]], dtype=torch.float32),
+        pos_relaxed=torch.as_tensor(result.positions[-1], dtype=torch.float32),
+    )
+    return graph.validate(f"demo system {result.sid}")
+
+
+class _Moments:
+    """Running statistics of the values of written graphs (float64 sums of the stored floats)."""
+
+    def __init__(self) -> None:
+        self.energies: list[float] = []
+        self.force_sum = self.force_sq = 0.0
+        self.force_count = 0
+
+    def watch(self, graphs: Iterator[AtomicGraph]) -> Iterator[AtomicGraph]:
+        for graph in graphs:
+            self.energies.append(float(graph.y.item()))
+            forces = graph.force.double()
+            self.force_sum += float(forces.sum())
+            self.force_sq += float((forces * forces).sum())
+            self.force_count += forces.numel()
+            yield graph
+
+    def s2ef_stats(self) -> dict[str, float]:
+        energies = np.asarray(self.energies, dtype=np.float64)
+        mean = self.force_sum / self.force_count
+        force_std = float(np.sqrt(max(self.force_sq / self.force_count - mean * mean, 0.0)))
+        std = float(energies.std())
+        return {
+            "target_mean": float(energies.mean()),
+            "target_std": std,
+            "grad_target_mean": 0.0,
+            "grad_target_std": std,
+            "force_std": force_std,
+        }
+
+
+def _write_split(
+    root: Path,
+    split: str,
+    sids: list[int],
+    systems: dict[int, Atoms],
+    results: dict[int, SystemResult],
+    n_shards: int,
+) -> tuple[int, _Moments, list[float]]:
+    """Write one split's S2EF shards and IS2RE file; return frames, S2EF moments, y_relaxed."""
+    moments = _Moments()
+    frames = (graph for sid in sids for graph in s2ef_graphs(systems[sid], results[sid]))
+    write_shards(moments.watch(frames), root / "s2ef" / split, n_shards)
+    entries = [is2re_graph(systems[sid], results[sid]) for sid in sids]
+    write_lmdb(entries, root / "is2re" / split / "data.lmdb")
+    return len(moments.energies), moments, [float(entry.y_relaxed.item()) for entry in entries]
+
+
+def _write_dataset(
+    root: Path,
+    splits: dict[str, list[int]],
+    systems: dict[int, Atoms],
+    results: dict[int, SystemResult],
+    n_shards: int,
+) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
+    """Write every split into ``root``; return frames per split and the train statistics."""
+    frames: dict[str, int] = {}
+    stats: dict[str, dict[str, float]] = {}
+    for split in SPLITS:
+        count, moments, relaxed = _write_split(
+            root, split, splits[split], systems, results, n_shards
+        )
+        frames[split] = count
+        if split == "train":
+            y_relaxed = np.asarray(relaxed, dtype=np.float64)
+            stats["s2ef"] = moments.s2ef_stats()
+            stats["is2re"] = {
+                "target_mean": float(y_relaxed.mean()),
+                "target_std": float(y_relaxed.std()),
+            }
+    return frames, stats
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a non-empty ``out_dir``; with ``overwrite``, replace only a previous demo dataset."""
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return
+    if not overwrite:
+        raise DataError(f"{out_dir} already exists and is not empty; remove it or pass overwrite")
+    if not (out_dir / "stats.yml").is_file():
+        raise DataError(f"{out_dir} is not a demo dataset (no stats.yml); refusing to replace it")
+
+
+def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Move the finished temporary folder to ``out_dir`` (replacing it if ``overwrite``)."""
+    _check_target(out_dir, overwrite)
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    if out_dir.exists():
+        out_dir.rename(old)
+    try:
+        tmp.rename(out_dir)
+    except OSError:
+        if old.exists():
+            old.rename(out_dir)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
+
+
+def generate_demo(
+    out_dir: str | Path,
+    *,
+    size: str | int = "small",
+    seed: int = 0,
+    workers: int = 1,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> DemoSummary:
+    """Generate, label and write the demo dataset; see the module docstring for the layout.
+
+    The same ``seed`` and ``size`` give identical structures and labels for any ``workers``.
+    ``out_dir`` either ends up complete or is left untouched.
+    """
+    out_dir = Path(out_dir).resolve()
+    n_systems = resolve_size(size)
+    _check_target(out_dir, overwrite)
+    start = time.perf_counter()
+    systems = make_systems(n_systems, seed)
+    results = label_systems(systems, workers=workers, progress=progress)
+    anomalies = dict.fromkeys(ANOMALY_KINDS, 0)
+    for result in results:
+        if result.anomaly is not None:
+            anomalies[result.anomaly] += 1
+    good = {result.sid: result for result in results if result.anomaly is None}
+    splits = split_systems(list(good), np.random.default_rng([seed, _SPLIT_STREAM]))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        by_sid = {int(atoms.info["sid"]): atoms for atoms in systems}
+        frames, stats = _write_dataset(tmp, splits, by_sid, good, shard_count(n_systems))
+        summary = DemoSummary(
+            out_dir=out_dir,
+            size=size,
+            seed=seed,
+            generated=n_systems,
+            systems={split: len(sids) for split, sids in splits.items()},
+            frames=frames,
+            anomalies=anomalies,
+            stats=stats,
+        )
+        (tmp / "stats.yml").write_text(summary.to_yaml())
+        _publish(tmp, out_dir, overwrite)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    summary.seconds = time.perf_counter() - start
+    log.info("%s", summary.format())
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m catforge.data.demo OUT_DIR [--size small] [--seed 0] [--workers 1]``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--size", default="small", help=f"{', '.join(SIZES)} or a number")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    size = int(args.size) if args.size.isdigit() else args.size
+    summary = generate_demo(
+        args.out_dir, size=size, seed=args.seed, workers=args.workers, overwrite=args.overwrite
+    )
+    print(summary.format(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
