@@ -1,0 +1,58 @@
+"""The command line as users and scripts call it: main.py and the catforge console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_demo_info_and_ingest_end_to_end(tmp_path: Path) -> None:
+    demo = run(sys.executable, str(ROOT / "main.py"), "data", "demo", "--out", "demo",
+               "--size", "tiny", "--workers", "1", cwd=tmp_path)  # fmt: skip
+    assert demo.returncode == 0, demo.stderr
+    assert "s2ef" in demo.stdout and "is2re" in demo.stdout
+    assert (tmp_path / "demo" / "stats.yml").is_file()
+
+    catforge = shutil.which("catforge", path=str(Path(sys.executable).parent))
+    assert catforge is not None, "the console script is not installed"
+    info = run(catforge, "data", "info", "demo/is2re/train/data.lmdb", "--json", cwd=tmp_path)
+    assert info.returncode == 0, info.stderr
+    summary = json.loads(info.stdout)
+    assert {
+        "entries",
+        "fields",
+        "natoms",
+        "elements",
+        "energy_mean",
+        "energy_std",
+        "force_std",
+    } <= set(summary)
+    assert summary["entries"] > 0 and "y_relaxed" in summary["fields"]
+    assert summary["force_std"] is None  # IS2RE entries hold no forces
+
+    s2ef = run(catforge, "data", "info", "demo/s2ef/train", cwd=tmp_path)
+    assert s2ef.returncode == 0 and "entries" in s2ef.stdout
+
+
+def test_errors_are_one_line_with_status_2(tmp_path: Path) -> None:
+    missing = run(sys.executable, str(ROOT / "main.py"), "data", "info", "nope.lmdb", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().count("\n") == 0
+    assert "nope.lmdb" in missing.stderr and "Traceback" not in missing.stderr
+    ingest = run(sys.executable, str(ROOT / "main.py"), "data", "ingest", "--task", "s2ef",
+                 "--out", "out", str(tmp_path), cwd=tmp_path)  # fmt: skip
+    assert ingest.returncode == 2 and "Traceback" not in ingest.stderr
