@@ -11,9 +11,10 @@ import pytest
 from ase.data import chemical_symbols
 
 from catforge.data.atoms import atoms_to_graph
-from catforge.data.info import Moments, format_info, info
+from catforge.data.info import format_info, info
 from catforge.data.ingest import ingest
 from catforge.data.lmdb import LmdbWriter
+from catforge.data.stats import Moments
 from catforge.errors import DataError
 from tests.factories import structures
 

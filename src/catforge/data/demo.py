@@ -9,19 +9,16 @@ into train/val/test and writes::
     is2re/{train,val,test}/data.lmdb      initial structures: y_init, y_relaxed, pos_relaxed, sid
     stats.yml                             normalisation statistics and counts (OCP config YAML)
 
-Everything is written into a hidden temporary folder that is renamed into place at the end.
+Everything is written into a hidden temporary folder that is renamed into place at the end
+(:mod:`catforge.data.staging`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
-import os
-import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,13 +30,15 @@ from catforge.data.atoms import atoms_to_graph
 from catforge.data.demo_anomalies import ANOMALY_KINDS
 from catforge.data.demo_systems import (
     SystemResult,
-    init_worker,
     label_system,
     make_systems,
     relax_system,
 )
 from catforge.data.graph import AtomicGraph
 from catforge.data.lmdb import write_lmdb, write_shards
+from catforge.data.staging import staged_output
+from catforge.data.stats import Moments, normalization_lines, s2ef_stats, target_stats, yaml_float
+from catforge.data.workers import init_worker, single_threaded_env, spawn_context
 from catforge.errors import ConfigError, DataError
 from catforge.progress import progress as progress_bar
 
@@ -63,7 +62,6 @@ VAL_FRACTION = TEST_FRACTION = 0.15
 _SPLIT_STREAM = (
     1  # the split generator is default_rng([seed, 1]); make_systems uses default_rng(seed)
 )
-_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @dataclass
@@ -77,7 +75,7 @@ class DemoSummary:
     systems: dict[str, int]
     frames: dict[str, int]
     anomalies: dict[str, int]
-    stats: dict[str, dict[str, float]]
+    stats: dict[str, dict[str, float | None]]
     seconds: float = field(default=0.0, compare=False)
 
     def to_yaml(self) -> str:
@@ -92,19 +90,14 @@ class DemoSummary:
             "s2ef:",
             "  dataset:",
             f"    - src: {root / 's2ef' / 'train'}",
-            "      normalize_labels: true",
-            f"      target_mean: {_num(s2ef['target_mean'])}",
-            f"      target_std: {_num(s2ef['target_std'])}",
-            "      grad_target_mean: 0.0",
-            f"      grad_target_std: {_num(s2ef['grad_target_std'])}  # OCP: = target_std",
+            *normalization_lines(s2ef, indent=" " * 6),
             f"    - src: {root / 's2ef' / 'val'}",
-            f"  force_std: {_num(s2ef['force_std'])}  # actual std of train force components",
+            f"  force_std: {yaml_float(s2ef['force_std'])}  # actual std of train force components",
+            "  # grad_target_std = target_std, as in OCP's S2EF configs",
             "is2re:",
             "  dataset:",
             f"    - src: {root / 'is2re' / 'train' / 'data.lmdb'}",
-            "      normalize_labels: true",
-            f"      target_mean: {_num(is2re['target_mean'])}",
-            f"      target_std: {_num(is2re['target_std'])}",
+            *normalization_lines(is2re, indent=" " * 6),
             f"    - src: {root / 'is2re' / 'val' / 'data.lmdb'}",
             "  # IS2RS: put `relax_dataset: {src: <is2re/val/data.lmdb>}` inside `task:`.",
             f"generated: {self.generated}",
@@ -122,14 +115,6 @@ class DemoSummary:
             f"{sum(self.frames.values())} S2EF frames, built in {self.seconds:.1f} s"
         )
         return head + "\n" + self.to_yaml()
-
-
-def _num(value: float) -> str:
-    """A float as YAML 1.1 reads it back exactly (``1e-05`` needs a dot: ``1.0e-05``)."""
-    text = repr(float(value))
-    if "e" in text and "." not in text:
-        text = text.replace("e", ".0e")
-    return text
 
 
 def _flow(counts: dict[str, int]) -> str:
@@ -150,21 +135,6 @@ def shard_count(n_systems: int) -> int:
     return max(2, min(16, n_systems // 50))
 
 
-@contextmanager
-def _single_threaded_children() -> Iterator[None]:
-    """Set the BLAS/OpenMP thread variables to 1 while worker processes are spawned."""
-    saved = {name: os.environ.get(name) for name in _THREAD_VARS}
-    os.environ.update(dict.fromkeys(_THREAD_VARS, "1"))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def label_systems(
     systems: Sequence[Atoms], *, workers: int = 1, progress: bool = True
 ) -> list[SystemResult]:
@@ -173,8 +143,8 @@ def label_systems(
     if workers <= 1:
         return list(progress_bar(map(label_system, systems), **bar))
     chunksize = max(1, min(8, len(systems) // (4 * workers)))
-    with _single_threaded_children():
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker)
+    with single_threaded_env():
+        pool = spawn_context().Pool(workers, initializer=init_worker)
     with pool:
         results = pool.imap(label_system, systems, chunksize=chunksize)
         return list(progress_bar(results, **bar))
@@ -218,35 +188,14 @@ def is2re_graph(initial: Atoms, result: SystemResult) -> AtomicGraph:
     return graph.validate(f"demo system {result.sid}")
 
 
-class _Moments:
-    """Running statistics of the values of written graphs (float64 sums of the stored floats)."""
-
-    def __init__(self) -> None:
-        self.energies: list[float] = []
-        self.force_sum = self.force_sq = 0.0
-        self.force_count = 0
-
-    def watch(self, graphs: Iterator[AtomicGraph]) -> Iterator[AtomicGraph]:
-        for graph in graphs:
-            self.energies.append(float(graph.y.item()))
-            forces = graph.force.double()
-            self.force_sum += float(forces.sum())
-            self.force_sq += float((forces * forces).sum())
-            self.force_count += forces.numel()
-            yield graph
-
-    def s2ef_stats(self) -> dict[str, float]:
-        energies = np.asarray(self.energies, dtype=np.float64)
-        mean = self.force_sum / self.force_count
-        force_std = float(np.sqrt(max(self.force_sq / self.force_count - mean * mean, 0.0)))
-        std = float(energies.std())
-        return {
-            "target_mean": float(energies.mean()),
-            "target_std": std,
-            "grad_target_mean": 0.0,
-            "grad_target_std": std,
-            "force_std": force_std,
-        }
+def _watch(
+    graphs: Iterator[AtomicGraph], energies: list[float], forces: Moments
+) -> Iterator[AtomicGraph]:
+    """Pass ``graphs`` through, collecting their stored energies and force components."""
+    for graph in graphs:
+        energies.append(float(graph.y.item()))
+        forces.add(graph.force.numpy())
+        yield graph
 
 
 def _write_split(
@@ -256,14 +205,16 @@ def _write_split(
     systems: dict[int, Atoms],
     results: dict[int, SystemResult],
     n_shards: int,
-) -> tuple[int, _Moments, list[float]]:
-    """Write one split's S2EF shards and IS2RE file; return frames, S2EF moments, y_relaxed."""
-    moments = _Moments()
+) -> tuple[int, dict[str, dict[str, float | None]]]:
+    """Write one split's S2EF shards and IS2RE file; return its frame count and statistics."""
+    energies: list[float] = []
+    forces = Moments()
     frames = (graph for sid in sids for graph in s2ef_graphs(systems[sid], results[sid]))
-    write_shards(moments.watch(frames), root / "s2ef" / split, n_shards)
+    write_shards(_watch(frames, energies, forces), root / "s2ef" / split, n_shards)
     entries = [is2re_graph(systems[sid], results[sid]) for sid in sids]
     write_lmdb(entries, root / "is2re" / split / "data.lmdb")
-    return len(moments.energies), moments, [float(entry.y_relaxed.item()) for entry in entries]
+    relaxed = [float(entry.y_relaxed.item()) for entry in entries]
+    return len(energies), {"s2ef": s2ef_stats(energies, forces), "is2re": target_stats(relaxed)}
 
 
 def _write_dataset(
@@ -272,51 +223,24 @@ def _write_dataset(
     systems: dict[int, Atoms],
     results: dict[int, SystemResult],
     n_shards: int,
-) -> tuple[dict[str, int], dict[str, dict[str, float]]]:
+) -> tuple[dict[str, int], dict[str, dict[str, float | None]]]:
     """Write every split into ``root``; return frames per split and the train statistics."""
     frames: dict[str, int] = {}
-    stats: dict[str, dict[str, float]] = {}
+    stats: dict[str, dict[str, float | None]] = {}
     for split in SPLITS:
-        count, moments, relaxed = _write_split(
+        frames[split], split_stats = _write_split(
             root, split, splits[split], systems, results, n_shards
         )
-        frames[split] = count
         if split == "train":
-            y_relaxed = np.asarray(relaxed, dtype=np.float64)
-            stats["s2ef"] = moments.s2ef_stats()
-            stats["is2re"] = {
-                "target_mean": float(y_relaxed.mean()),
-                "target_std": float(y_relaxed.std()),
-            }
+            stats = split_stats
     return frames, stats
 
 
-def _check_target(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a non-empty ``out_dir``; with ``overwrite``, replace only a previous demo dataset."""
-    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
-        return
-    if not overwrite:
-        raise DataError(f"{out_dir} already exists and is not empty; remove it or pass overwrite")
-    if not (out_dir / "stats.yml").is_file():
-        raise DataError(f"{out_dir} is not a demo dataset (no stats.yml); refusing to replace it")
-
-
-def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move the finished temporary folder to ``out_dir`` (replacing it if ``overwrite``)."""
-    _check_target(out_dir, overwrite)
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except OSError:
-        if old.exists():
-            old.rename(out_dir)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()
+def _previous_demo(out_dir: Path) -> str | None:
+    """Why ``out_dir`` must not be replaced: it is not a demo dataset (else None)."""
+    if (out_dir / "stats.yml").is_file():
+        return None
+    return f"{out_dir} is not a demo dataset (no stats.yml); refusing to replace it"
 
 
 def generate_demo(
@@ -335,20 +259,16 @@ def generate_demo(
     """
     out_dir = Path(out_dir).resolve()
     n_systems = resolve_size(size)
-    _check_target(out_dir, overwrite)
     start = time.perf_counter()
-    systems = make_systems(n_systems, seed)
-    results = label_systems(systems, workers=workers, progress=progress)
-    anomalies = dict.fromkeys(ANOMALY_KINDS, 0)
-    for result in results:
-        if result.anomaly is not None:
-            anomalies[result.anomaly] += 1
-    good = {result.sid: result for result in results if result.anomaly is None}
-    splits = split_systems(list(good), np.random.default_rng([seed, _SPLIT_STREAM]))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_output(out_dir, overwrite=overwrite, may_replace=_previous_demo) as tmp:
+        systems = make_systems(n_systems, seed)
+        results = label_systems(systems, workers=workers, progress=progress)
+        anomalies = dict.fromkeys(ANOMALY_KINDS, 0)
+        for result in results:
+            if result.anomaly is not None:
+                anomalies[result.anomaly] += 1
+        good = {result.sid: result for result in results if result.anomaly is None}
+        splits = split_systems(list(good), np.random.default_rng([seed, _SPLIT_STREAM]))
         by_sid = {int(atoms.info["sid"]): atoms for atoms in systems}
         frames, stats = _write_dataset(tmp, splits, by_sid, good, shard_count(n_systems))
         summary = DemoSummary(
@@ -362,9 +282,6 @@ def generate_demo(
             stats=stats,
         )
         (tmp / "stats.yml").write_text(summary.to_yaml())
-        _publish(tmp, out_dir, overwrite)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     summary.seconds = time.perf_counter() - start
     log.info("%s", summary.format())
     return summary

@@ -7,7 +7,6 @@ fast. Randomness comes only from a ``numpy.random.Generator``; relaxations are d
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from functools import cache
 
@@ -249,13 +248,3 @@ def label_system(atoms: Atoms) -> SystemResult:
             adsorption_energy=float(energies[-1] - reference),
         )
     return SystemResult(sid, positions, energies, forces, reference, anomaly)
-
-
-def init_worker() -> None:
-    """Pool initializer: one thread for torch too, if the parent's main module imported it.
-
-    BLAS threads are pinned by the OMP/OPENBLAS/MKL environment the pool is started with.
-    """
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(1)

@@ -18,45 +18,12 @@ from ase.data import chemical_symbols
 
 from catforge.data import keys
 from catforge.data.lmdb import LmdbDataset
+from catforge.data.stats import Moments, target_stats
 from catforge.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Moments", "format_info", "info"]
-
-
-class Moments:
-    """Running count, mean and sum of squared deviations (Chan et al.), mergeable across workers."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean = 0.0
-        self.m2 = 0.0
-
-    def add(self, values: Any) -> None:
-        """Include every element of ``values``."""
-        array = np.asarray(values, dtype=np.float64).reshape(-1)
-        if array.size:
-            other = Moments()
-            other.count = int(array.size)
-            other.mean = float(array.mean())
-            other.m2 = float(((array - other.mean) ** 2).sum())
-            self.merge(other)
-
-    def merge(self, other: Moments) -> None:
-        """Include another accumulator's values."""
-        if other.count == 0:
-            return
-        total = self.count + other.count
-        delta = other.mean - self.mean
-        self.mean += delta * other.count / total
-        self.m2 += other.m2 + delta * delta * self.count * other.count / total
-        self.count = total
-
-    @property
-    def std(self) -> float | None:
-        """Population standard deviation, or None when nothing was added."""
-        return None if self.count == 0 else float(np.sqrt(self.m2 / self.count))
+__all__ = ["format_info", "info"]
 
 
 def info(path: str | Path, *, progress: bool = True) -> dict[str, Any]:
@@ -84,7 +51,7 @@ def info(path: str | Path, *, progress: bool = True) -> dict[str, Any]:
                 values.append(float(np.asarray(fields[name], dtype=np.float64).reshape(-1)[0]))
         if fields.get(keys.FORCES) is not None:
             forces.add(fields[keys.FORCES])
-    energy = energies[keys.ENERGY] or energies[keys.ENERGY_RELAXED]
+    energy = target_stats(energies[keys.ENERGY] or energies[keys.ENERGY_RELAXED])
     return {
         "path": str(path),
         "entries": len(dataset),
@@ -95,8 +62,8 @@ def info(path: str | Path, *, progress: bool = True) -> dict[str, Any]:
             "max": max(natoms) if natoms else None,
         },
         "elements": [chemical_symbols[z] for z in sorted(elements)],
-        "energy_mean": float(np.mean(energy)) if energy else None,
-        "energy_std": float(np.std(energy)) if energy else None,
+        "energy_mean": energy["target_mean"],
+        "energy_std": energy["target_std"],
         "force_std": forces.std,
     }
 
