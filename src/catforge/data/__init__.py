@@ -1,1 +1,1 @@
-"""Data layer: atomic graphs, ASE conversion, neighbour search, LMDB storage, ingestion, demo data."""
+"""Data layer: atomic graphs, ASE conversion, neighbour search, LMDB storage, ingestion, demo."""
