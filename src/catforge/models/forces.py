@@ -1,0 +1,117 @@
+"""Forces by autograd: one wrapper that turns any energy model into an energy + forces model."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from catforge.data.graph import AtomicGraph
+
+if TYPE_CHECKING:
+    from catforge.models import EnergyModel
+
+_INNER = "energy_model."
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """What a ForceModel predicts for a batch.
+
+    ``energy`` (n_graphs,) eV; ``forces`` (n_atoms, 3) eV/A, or None when forces are not regressed.
+    """
+
+    energy: Tensor
+    forces: Tensor | None = None
+
+
+class ForceModel(nn.Module):
+    """Energy model + forces ``F = -dE/dpos`` by autograd.
+
+    The energy model follows :class:`catforge.models.EnergyModel`. Gradients are enabled locally,
+    so forces also come out inside ``torch.no_grad()`` (predict, validate, relax). The autograd
+    graph of the forces is kept (``create_graph``) only when training: by default that is
+    ``self.training``, or the explicit ``training`` argument of :meth:`forward`. When not
+    training, energy and forces are returned detached. The caller's graph is never modified.
+
+    The wrapper has no parameters of its own and is transparent to state dicts: its keys are the
+    energy model's (``embedding.weight``, not ``energy_model.embedding.weight``), so OCP/PyG state
+    dicts load into it directly, also through DDP (``module.`` prefix).
+    """
+
+    energy_model: EnergyModel
+
+    def __init__(self, energy_model: EnergyModel, regress_forces: bool = True) -> None:
+        super().__init__()
+        self.energy_model = energy_model
+        self.regress_forces = regress_forces
+        self.register_state_dict_post_hook(_strip_inner_prefix)
+        self.register_load_state_dict_pre_hook(_add_inner_prefix)
+
+    @property
+    def cutoff(self) -> float:
+        """Neighbour cutoff (A) the energy model was built with."""
+        return float(self.energy_model.cutoff)
+
+    @property
+    def max_neighbors(self) -> int | None:
+        """Neighbours kept per atom when the energy model builds graphs."""
+        return self.energy_model.max_neighbors
+
+    def forward(self, graph: AtomicGraph, *, training: bool | None = None) -> ModelOutput:
+        """Energies (n_graphs,) and, with ``regress_forces``, forces (n_atoms, 3)."""
+        create_graph = self.training if training is None else training
+        if not self.regress_forces:
+            with torch.set_grad_enabled(create_graph):
+                return ModelOutput(self.energy_model(graph))
+        with torch.enable_grad():
+            pos = graph.pos
+            if not pos.requires_grad:
+                pos = pos.detach().requires_grad_(True)
+            energy = self.energy_model(graph.replace(pos=pos))
+            forces = _negative_gradient(energy, pos, create_graph)
+        if not create_graph:
+            energy, forces = energy.detach(), forces.detach()
+        return ModelOutput(energy, forces)
+
+
+def _negative_gradient(energy: Tensor, pos: Tensor, create_graph: bool) -> Tensor:
+    """``-d(sum energy)/d pos`` (n_atoms, 3); zeros where the energy does not depend on ``pos``."""
+    if not energy.requires_grad:
+        return torch.zeros_like(pos)
+    (grad,) = torch.autograd.grad(
+        energy,
+        pos,
+        grad_outputs=torch.ones_like(energy),
+        create_graph=create_graph,
+        allow_unused=True,
+    )
+    if grad is None:
+        return torch.zeros_like(pos)
+    return -grad
+
+
+def _strip_inner_prefix(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
+    inner = prefix + _INNER
+    items = list(state_dict.items())
+    if not any(key.startswith(inner) for key, _ in items):
+        return
+    state_dict.clear()
+    for key, value in items:
+        new_key = prefix + key[len(inner) :] if key.startswith(inner) else key
+        state_dict[new_key] = value
+
+
+def _add_inner_prefix(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    renamed = OrderedDict()
+    for key in list(state_dict):
+        if key.startswith(prefix) and not key.startswith(prefix + _INNER):
+            renamed[prefix + _INNER + key[len(prefix) :]] = state_dict.pop(key)
+    state_dict.update(renamed)
