@@ -13,7 +13,8 @@ Prints s/step and structures/s (median over steps, implementations interleaved s
 processes hits all alike) and the speed ratio to PyG, by median and by fastest step; with
 ``--ablations`` also catforge without pair sharing and with ``loss.backward(inputs=parameters)``
 (no gradient to the positions leaf; a trainer-side saving PyG/OCP could make too). Run:
-``python benchmarks/train_step.py [--batch-size 8] [--steps 5] [--threads 2] [--ablations]``.
+``python benchmarks/train_step.py [--batch-size 8] [--steps 5] [--threads 2] [--ablations]
+[--device cuda]``.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def pbc_distances(batch: AtomicGraph, pos: Tensor) -> tuple[Tensor, Tensor]:
     cell = torch.repeat_interleave(batch.cell, batch.neighbors, dim=0)
     offsets = batch.cell_offsets.unsqueeze(1).to(cell.dtype).bmm(cell).squeeze(1)
     distances = (pos[row] - pos[col] + offsets).norm(dim=-1)
-    nonzero = torch.arange(len(distances))[distances != 0]
+    nonzero = torch.arange(len(distances), device=distances.device)[distances != 0]
     return batch.edge_index[:, nonzero], distances[nonzero]
 
 
@@ -104,7 +105,8 @@ def pyg_energy(model: nn.Module, batch: AtomicGraph, pos: Tensor) -> Tensor:
     for interaction in model.interactions:
         h = h + interaction(h, edge_index, distance, edge_attr)
     h = model.lin2(model.act(model.lin1(h)))
-    return torch.zeros(batch.n_graphs, dtype=h.dtype).index_add_(0, batch.batch, h.squeeze(-1))
+    energy = torch.zeros(batch.n_graphs, dtype=h.dtype, device=h.device)
+    return energy.index_add_(0, batch.batch, h.squeeze(-1))
 
 
 def pyg_step(model: nn.Module, batch: AtomicGraph) -> Step:
@@ -128,7 +130,7 @@ def build_steps(batch: AtomicGraph, ablations: bool) -> dict[str, Step]:
     from torch_geometric.nn.models import SchNet as PygSchNet
 
     torch.manual_seed(0)
-    reference = PygSchNet(**SIZES)
+    reference = PygSchNet(**SIZES).to(batch.pos.device)
     state = {key: value.clone() for key, value in reference.state_dict().items()}
     variants: dict[str, tuple[dict[str, bool], bool]] = {"catforge": ({}, False)}
     if ablations:
@@ -138,6 +140,7 @@ def build_steps(batch: AtomicGraph, ablations: bool) -> dict[str, Step]:
     for name, (options, only_parameters) in variants.items():
         model = ForceModel(SchNet(**SIZES, max_neighbors=50, **options))
         model.load_state_dict(state, strict=True)
+        model.to(batch.pos.device)
         steps[name] = catforge_step(model, batch, only_parameters)
     steps["torch_geometric"] = pyg_step(reference, batch)
     return steps
@@ -150,13 +153,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ablations", action="store_true", help="also time catforge variants")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    batch = oc20_like_batch(args.batch_size)
+    batch = oc20_like_batch(args.batch_size).to(args.device)
+    synchronize = torch.cuda.synchronize if batch.pos.is_cuda else lambda: None
     print(
         f"batch: {batch.n_graphs} structures, {batch.n_atoms} atoms, {batch.n_edges} edges; "
-        f"SchNet {SIZES}; {args.threads} threads; torch {torch.__version__}"
+        f"SchNet {SIZES}; {args.threads} threads; {args.device}; torch {torch.__version__}"
     )
     steps = build_steps(batch, args.ablations)
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -166,8 +171,10 @@ def main() -> None:
             step()
     for _ in range(args.steps):
         for name, step in steps.items():
+            synchronize()
             start = time.perf_counter()
             step()
+            synchronize()
             times[name].append(time.perf_counter() - start)
 
     print(

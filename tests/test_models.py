@@ -423,3 +423,16 @@ def test_initialisation_is_pyg_s() -> None:
     reference = pyg.SchNet(**{key: value for key, value in TINY.items() if key != "max_neighbors"})
     theirs = reference.state_dict()
     assert all(torch.equal(value, theirs[name]) for name, value in model.state_dict().items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cuda_matches_cpu(dtype: torch.dtype) -> None:
+    model = tiny_model().to(dtype)
+    batch = collate([to_graph(atoms, edges=False) for atoms in (slab(0), ethanol(), crystal())])
+    on_cpu = predict(model, batch.to("cpu", dtype))
+    on_gpu = predict(model.to("cuda"), batch.to("cuda", dtype))
+    tolerance = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {}
+    torch.testing.assert_close(on_gpu.energy.cpu(), on_cpu.energy, **tolerance)
+    torch.testing.assert_close(on_gpu.forces.cpu(), on_cpu.forces, **tolerance)

@@ -52,14 +52,14 @@ def run_data_command(args: argparse.Namespace) -> None:
     if args.data_command == "demo":
         from catforge.data.demo import generate_demo
 
-        summary = generate_demo(
+        demo_summary = generate_demo(
             args.out, size=args.size, seed=args.seed, workers=args.workers, overwrite=args.overwrite
         )
-        print(summary.format())
+        print(demo_summary.format())
     elif args.data_command == "ingest":
         from catforge.data.ingest import ingest
 
-        summary = ingest(
+        ingest_summary = ingest(
             args.inputs,
             args.out,
             args.task,
@@ -70,12 +70,12 @@ def run_data_command(args: argparse.Namespace) -> None:
             max_neighbors=args.max_neighbors,
             overwrite=args.overwrite,
         )
-        print(summary.format())
+        print(ingest_summary.format())
     else:
         from catforge.data.info import format_info, info
 
-        summary_dict = info(args.path)
-        print(json.dumps(summary_dict) if args.json else format_info(summary_dict))
+        info_summary = info(args.path)
+        print(json.dumps(info_summary) if args.json else format_info(info_summary))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

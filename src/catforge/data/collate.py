@@ -37,9 +37,11 @@ def collate(graphs: Sequence[AtomicGraph]) -> AtomicGraph:
         values[name] = torch.cat([getattr(graph, name) for graph in graphs])
     values[keys.BATCH] = torch.repeat_interleave(torch.arange(len(natoms)), natoms)
     if keys.EDGE_INDEX in present:
-        shifted, atoms_before = [], 0
+        shifted: list[Tensor] = []
+        atoms_before = 0
         for graph in graphs:
-            shifted.append(graph.edge_index + atoms_before)
+            if graph.edge_index is not None:  # always: every graph has the same fields
+                shifted.append(graph.edge_index + atoms_before)
             atoms_before += graph.n_atoms
         values[keys.EDGE_INDEX] = torch.cat(shifted, dim=1)
     return AtomicGraph(**values)
@@ -49,7 +51,7 @@ def split(batch: AtomicGraph) -> list[AtomicGraph]:
     """Split a batch into single structures (inverse of :func:`collate`)."""
     natoms = batch.natoms.tolist()
     atom_starts = [0, *torch.cumsum(batch.natoms, 0).tolist()]
-    edge_starts = [0, *torch.cumsum(batch.neighbors, 0).tolist()] if batch.has_edges else []
+    edge_starts = [] if batch.neighbors is None else [0, *torch.cumsum(batch.neighbors, 0).tolist()]
     graphs = []
     for index in range(batch.n_graphs):
         a0, a1 = atom_starts[index], atom_starts[index + 1]

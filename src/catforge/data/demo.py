@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,15 +139,19 @@ def label_systems(
     systems: Sequence[Atoms], *, workers: int = 1, progress: bool = True
 ) -> list[SystemResult]:
     """Relax and classify every system, in order, with ``workers`` spawned processes."""
-    bar = {"total": len(systems), "desc": "relaxing systems", "enabled": progress}
+
+    def collect(results: Iterable[SystemResult]) -> list[SystemResult]:
+        bar = progress_bar(results, total=len(systems), desc="relaxing systems", enabled=progress)
+        return list(bar)
+
     if workers <= 1:
-        return list(progress_bar(map(label_system, systems), **bar))
+        return collect(map(label_system, systems))
     chunksize = max(1, min(8, len(systems) // (4 * workers)))
     with single_threaded_env():
         pool = spawn_context().Pool(workers, initializer=init_worker)
     with pool:
         results = pool.imap(label_system, systems, chunksize=chunksize)
-        return list(progress_bar(results, **bar))
+        return collect(results)
 
 
 def split_systems(sids: Sequence[int], rng: np.random.Generator) -> dict[str, list[int]]:
@@ -193,6 +197,8 @@ def _watch(
 ) -> Iterator[AtomicGraph]:
     """Pass ``graphs`` through, collecting their stored energies and force components."""
     for graph in graphs:
+        if graph.y is None or graph.force is None:
+            raise DataError("demo S2EF frame without 'y' or 'force'")
         energies.append(float(graph.y.item()))
         forces.add(graph.force.numpy())
         yield graph
@@ -213,8 +219,15 @@ def _write_split(
     write_shards(_watch(frames, energies, forces), root / "s2ef" / split, n_shards)
     entries = [is2re_graph(systems[sid], results[sid]) for sid in sids]
     write_lmdb(entries, root / "is2re" / split / "data.lmdb")
-    relaxed = [float(entry.y_relaxed.item()) for entry in entries]
+    relaxed = [_relaxed_energy(entry) for entry in entries]
     return len(energies), {"s2ef": s2ef_stats(energies, forces), "is2re": target_stats(relaxed)}
+
+
+def _relaxed_energy(entry: AtomicGraph) -> float:
+    """The relaxed adsorption energy stored on an entry made by :func:`is2re_graph`."""
+    if entry.y_relaxed is None:
+        raise DataError("demo IS2RE entry without 'y_relaxed'")
+    return float(entry.y_relaxed.item())
 
 
 def _write_dataset(

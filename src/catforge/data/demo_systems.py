@@ -151,7 +151,8 @@ def _optimise(atoms: Atoms, fmax: float, steps: int) -> tuple[list[Atoms], bool]
         frames.append(frame)
 
     # LBFGS needs no LAPACK, so a multi-threaded BLAS cannot slow it down (BFGS's eigh can, 10x).
-    optimizer = LBFGS(atoms, logfile=None)
+    # logfile=None (no log) is what ASE's Optimizer takes, but LBFGS's annotation omits None.
+    optimizer = LBFGS(atoms, logfile=None)  # type: ignore[arg-type]
     optimizer.attach(record, interval=1)
     converged = bool(optimizer.run(fmax=fmax, steps=steps))
     return frames, converged

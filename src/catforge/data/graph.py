@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -65,7 +64,16 @@ class AtomicGraph:
 
     def replace(self, **changes: Tensor | None) -> AtomicGraph:
         """A copy with some fields replaced (use ``None`` to drop an optional field)."""
-        return dataclasses.replace(self, **changes)
+        unknown = changes.keys() - FIELDS.keys()
+        if unknown:
+            raise TypeError(f"AtomicGraph has no field(s) {sorted(unknown)}")
+        fields: dict[str, Tensor] = {name: getattr(self, name) for name in self.present()}
+        for name, value in changes.items():
+            if value is None:
+                fields.pop(name, None)
+            else:
+                fields[name] = value
+        return AtomicGraph(**fields)
 
     def to(self, device: torch.device | str, float_dtype: torch.dtype | None = None) -> AtomicGraph:
         """Move every tensor to ``device`` (and floats to ``float_dtype`` if given)."""
