@@ -2,7 +2,9 @@
 
 Builds ``--structures`` different slabs (fcc111/fcc100 of Pt, Cu, Pd, Au, Ag, Ni, 4 layers or as
 many as ``--natoms`` asks, vacuum 10 A, an adsorbate, rattled, pbc on all three axes as in OC20)
-and prints milliseconds per structure (median over ``--repeats`` interleaved rounds).
+and prints milliseconds per structure (median over ``--repeats`` interleaved rounds). "time /
+vesin" compares with raw vesin's full list (the edges catforge returns); ``neighbor_list_cpu``
+asks vesin for the cheaper half list (each pair once) and mirrors it.
 
     PYTHONPATH=src python benchmarks/neighbors.py --repeats 20 --natoms 75
 """
@@ -68,10 +70,12 @@ def methods(args: argparse.Namespace, slabs: list[Atoms]) -> dict[str, Callable[
     batch = collate([atoms_to_graph(a, with_labels=False) for a in slabs]).to(args.device)
     sync = torch.cuda.synchronize if batch.pos.is_cuda else (lambda: None)
 
-    def raw_vesin() -> None:
+    def raw_vesin(full_list: bool = True, quantities: str = "ijSd") -> None:
         for positions, cell, pbc in arrays:
-            calculator = vesin.NeighborList(cutoff=cutoff, full_list=True, n_threads=args.threads)
-            calculator.compute(positions, cell, pbc, quantities="ijSd")
+            calculator = vesin.NeighborList(
+                cutoff=cutoff, full_list=full_list, n_threads=args.threads
+            )
+            calculator.compute(positions, cell, pbc, quantities=quantities)
 
     def torch_single() -> None:
         for graph in graphs:
@@ -85,6 +89,7 @@ def methods(args: argparse.Namespace, slabs: list[Atoms]) -> dict[str, Callable[
     return {
         "ase.neighborlist.neighbor_list": lambda: [neighbor_list("ijS", a, cutoff) for a in slabs],
         "vesin (raw, ijSd)": raw_vesin,
+        "vesin (raw, half list, PSd)": lambda: raw_vesin(full_list=False, quantities="PSd"),
         "catforge neighbor_list_cpu": lambda: [neighbor_list_cpu(*x, cutoff, cap) for x in arrays],
         f"catforge radius_graph_pbc x1 ({args.device})": torch_single,
         f"catforge radius_graph_pbc x{len(slabs)} ({args.device})": torch_batched,

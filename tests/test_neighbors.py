@@ -135,14 +135,13 @@ def test_edges_match_ase(name: str, path: str) -> None:
 @pytest.mark.parametrize("name", STRUCTURES)
 def test_paths_agree_exactly_and_order_is_centre_then_distance(name: str) -> None:
     atoms = STRUCTURES[name]
-    for cap in (None, 7):
-        edges = torch_edges(atoms, max_neighbors=cap)
-        assert edges == cpu_edges(atoms, max_neighbors=cap)
-        keys = [
-            (e[0], round(d / TIE_RESOLUTION))
-            for e, d in zip(edges, distances(atoms, edges), strict=True)
-        ]
-        assert keys == sorted(keys)
+    # Cutoff 8 A: the rounded distances need more than 16 bits (a wide key for numpy's sort).
+    for cutoff, cap, strict in ((CUTOFF, None, False), (CUTOFF, 7, False), (8.0, 7, True)):
+        edges = torch_edges(atoms, cutoff, cap, strict)
+        assert edges == cpu_edges(atoms, cutoff, cap, strict)
+        grid = np.round(distances(atoms, edges) / TIE_RESOLUTION).tolist()
+        keys = [(e[0], g, *e[1:]) for e, g in zip(edges, grid, strict=True)]
+        assert keys == sorted(keys)  # centre, rounded distance, neighbour, cell offset
 
 
 def test_batched_equals_one_by_one() -> None:
@@ -336,6 +335,7 @@ def test_random_structures_match_ase(case: tuple[Atoms, float], cap: int, strict
     vesin_edges = cpu_edges(atoms, cutoff)
     # Only pairs within rounding of the cutoff may differ from ASE (hypothesis likes exact values).
     for found in (edges, vesin_edges):
+        assert len(found) == len(set(found))  # no duplicates (vesin's half list is mirrored)
         differing = list(set(found).symmetric_difference(reference))
         assert np.all(np.abs(distances(atoms, differing) - cutoff) < 1e-9)
     if set(edges) == set(vesin_edges) == set(reference):
@@ -357,6 +357,45 @@ def test_select_edges_gives_the_same_order_on_numpy_and_torch() -> None:
         tensors = [torch.from_numpy(x) for x in (centre, neighbour, offsets, distance)]
         assert np.array_equal(select_edges(*tensors, *args).numpy(), on_numpy)
         assert (distance[on_numpy] > 0).all()
+
+
+def _select_edges_reference(centre, neighbour, offsets, distance, cutoff, cap, strict) -> list:
+    """The documented selection and order, edge by edge in Python."""
+    grid = np.round(distance * (1.0 / TIE_RESOLUTION))
+    kept = []
+    for c in np.unique(centre).tolist():
+        edges = [
+            e for e in np.flatnonzero(centre == c).tolist() if MIN_DISTANCE < distance[e] < cutoff
+        ]
+        edges.sort(key=lambda e: (grid[e], neighbour[e], *offsets[e]))
+        if cap is not None and len(edges) > cap:
+            limit = distance[edges[cap - 1]] + DEGENERACY_TOLERANCE
+            edges = edges[:cap] if strict else [e for e in edges if distance[e] <= limit]
+        kept += edges
+    return kept
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_select_edges_matches_a_reference_implementation(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    # Large offsets in some cases: keys wider than 16 bits for numpy's sort.
+    n_atoms, n_edges, reach = 7, 600, (2, 300)[seed % 2]
+    width = 2 * reach + 1
+    triples = rng.choice(n_atoms * n_atoms * width**3, n_edges, replace=False)  # distinct edges
+    centre, rest = np.divmod(triples, n_atoms * width**3)
+    neighbour, code = np.divmod(rest, width**3)
+    offsets = np.stack(np.unravel_index(code, (width,) * 3), axis=1) - reach
+    # Exact ties, ties on the rounding grid and within DEGENERACY_TOLERANCE, self pairs, pairs
+    # beyond the cutoff.
+    scale = rng.choice([5.0, 100.0, 1e5], n_edges)
+    distance = np.round(rng.uniform(0.0, 4.4, n_edges) * scale) / scale
+    for cap, strict in ((None, False), (1, False), (20, False), (20, True), (90, True)):
+        args = (n_atoms, 4.0, cap, strict)
+        expected = _select_edges_reference(centre, neighbour, offsets, distance, 4.0, cap, strict)
+        found = select_edges(centre, neighbour, offsets.astype(np.int32), distance, *args)
+        assert found.tolist() == expected
+        tensors = [torch.from_numpy(x) for x in (centre, neighbour, offsets, distance)]
+        assert select_edges(*tensors, *args).tolist() == expected
 
 
 @pytest.mark.gpu

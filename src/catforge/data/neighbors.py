@@ -26,8 +26,10 @@ images each way along periodic axis ``k`` (``b_k`` the reciprocal vector), drops
 (image, centre) rows whose bounding-box distance is at least the cutoff (so vacuum along ``c``
 costs nothing) and tests the remaining pairs in chunks of at most ``_PAIRS_PER_CHUNK`` (under
 0.1 GB each). Final distances use the given positions, in the dtype of ``pos``.
-:func:`neighbor_list_cpu` runs vesin (float64, one thread) on one structure for preprocessing;
-:func:`with_edges` picks the path for a graph.
+:func:`neighbor_list_cpu` runs vesin (float64, one thread, its half list with each pair once,
+then mirrored) on one structure for preprocessing; :func:`with_edges` picks the path for a graph.
+Both paths sort with a radix-friendly :func:`_lexsort` (16-bit digits and ``np.lexsort`` on
+numpy, packed int64 keys on torch).
 """
 
 from __future__ import annotations
@@ -126,12 +128,19 @@ def neighbor_list_cpu(
     cell = np.ascontiguousarray(cell, dtype=np.float64).reshape(3, 3)
     pbc = np.asarray(pbc, dtype=bool).reshape(3)
     _check_cell_numpy(cell, pbc)  # vesin crashes (SIGFPE) on some singular periodic cells
-    calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True, n_threads=1)
+    calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=False, n_threads=1)
     # vesin's S has the sign of cell_offsets (vector = pos[j] - pos[i] + S @ cell), like ASE's.
-    i, j, shifts, distance = calculator.compute(positions, cell, pbc, quantities="ijSd", copy=False)
-    i, j, shifts = i.view(np.int64), j.view(np.int64), shifts.astype(np.int64)
-    order = select_edges(i, j, shifts, distance, len(positions), cutoff, max_neighbors, strict)
-    return np.stack([j[order], i[order]]), np.take(shifts, order, axis=0)
+    pairs, shifts, distance = calculator.compute(positions, cell, pbc, quantities="PSd", copy=False)
+    # Each pair once (about 30% faster than vesin's full list); add the reverse edges j -> i, -S.
+    n_pairs = len(distance)
+    atoms = np.concatenate([pairs[:, 0], pairs[:, 1], pairs[:, 0]]).view(np.int64)
+    i, j = atoms[: 2 * n_pairs], atoms[n_pairs:]  # (i, j) then (j, i)
+    offsets = np.empty((2 * n_pairs, 3), dtype=np.int64)
+    offsets[:n_pairs] = shifts
+    np.negative(offsets[:n_pairs], out=offsets[n_pairs:])
+    distance = np.concatenate([distance, distance])
+    order = select_edges(i, j, offsets, distance, len(positions), cutoff, max_neighbors, strict)
+    return np.stack([j[order], i[order]]), np.take(offsets, order, axis=0)
 
 
 def with_edges(
@@ -176,22 +185,27 @@ def select_edges(
         return _int64(distance[:0])
     # Self pairs and pairs at or beyond the cutoff get centre key n_atoms: sorted last, dropped.
     centre_key = centre
-    if float(distance.min()) <= MIN_DISTANCE or float(distance.max()) >= cutoff:
+    longest = float(distance.max())
+    if float(distance.min()) <= MIN_DISTANCE or longest >= cutoff:
         centre_key = xp.where((distance > MIN_DISTANCE) & (distance < cutoff), centre, n_atoms)
-    grid = _int64((distance * (1.0 / TIE_RESOLUTION)).round())
-    offsets = _int64(offsets)
-    width = 2 * int(abs(offsets).max()) + 1
-    # Balanced base-width digits: ordered like the offsets, lexicographically.
-    code = (offsets[:, 0] * width + offsets[:, 1]) * width + offsets[:, 2]
-    grid_bound = round(cutoff / TIE_RESOLUTION) + 2
-    order = _lexsort(
-        [(centre_key, n_atoms + 1), (grid, grid_bound), (neighbour, n_atoms), (code, width**3)]
-    )
-    centre_sorted = _take(centre_key, order)
-    counts = xp.bincount(centre_sorted, minlength=n_atoms + 1)
+    reach = max(-int(offsets.min()), int(offsets.max()))
+    width = 2 * reach + 1
+    # Neighbour and offset as base-width digits in [0, n_atoms * width**3), ordered like them.
+    code = _int64(neighbour) * width
+    code += offsets[:, 0]
+    code *= width
+    code += offsets[:, 1]
+    code *= width
+    code += offsets[:, 2]
+    code += reach * (width * width + width + 1)
+    grid = (distance * (1.0 / TIE_RESOLUTION)).round()  # integral floats: numpy needs no int64
+    grid_bound = round(longest / TIE_RESOLUTION) + 2  # dropped edges too must stay in bounds
+    order = _lexsort([(centre_key, n_atoms + 1), (grid, grid_bound), (code, n_atoms * width**3)])
+    counts = xp.bincount(centre_key, minlength=n_atoms + 1)
     if max_neighbors is None or int(counts[:n_atoms].max()) <= max_neighbors:
         return order[: n_edges - int(counts[n_atoms])]
     starts = counts.cumsum(0) - counts
+    centre_sorted = _take(centre_key, order)
     if strict:  # the first max_neighbors of each centre, none of the self pairs
         ends = starts + max_neighbors
         ends[n_atoms] = 0
@@ -206,32 +220,40 @@ def select_edges(
 
 
 def _lexsort(keys: list[tuple[Array, int]]) -> Array:
-    """Indices that sort lexicographically by ``keys``, most significant first.
+    """Indices that sort lexicographically by ``keys``, most significant first (stable).
 
-    Each key is (int64 array whose values lie in a range of ``bound`` consecutive integers,
-    bound). Neighbouring keys are packed into one int64 while they fit, so usually one sort runs.
+    Each key is (array of integers in ``[0, bound)``, int64 or integral floats, bound).
+    Neighbouring keys are packed into one while they fit: on torch into int64 (usually one sort
+    runs); on numpy into 16-bit digits for ``np.lexsort``, which radix-sorts those (several times
+    faster than sorting int64).
     """
-    packed: list[Array] = []
+    on_numpy = isinstance(keys[0][0], np.ndarray)
+    limit = 2**16 if on_numpy else 2**62
+    keys = keys if on_numpy else [(values.long(), bound) for values, bound in keys]
+    packed: list[tuple[Array, int]] = []  # least significant first
     current, current_bound = keys[-1]
     for values, bound in reversed(keys[:-1]):
-        if current_bound * bound < 2**62:
+        if current_bound * bound <= limit:
             current = values * current_bound + current
             current_bound *= bound
         else:
-            packed.append(current)
+            packed.append((current, current_bound))
             current, current_bound = values, bound
-    packed.append(current)
-    order = _argsort(packed[0])
-    for key in packed[1:]:
-        order = _take(order, _argsort(_take(key, order)))
-    return order
-
-
-def _argsort(values: Array) -> Array:
-    """Stable argsort (numpy's timsort is fast on the runs the searches produce)."""
-    if isinstance(values, np.ndarray):
-        return np.argsort(values, kind="stable")
-    return torch.argsort(values, stable=True)
+    packed.append((current, current_bound))
+    if not on_numpy:
+        order = torch.argsort(packed[0][0], stable=True)
+        for key, _ in packed[1:]:
+            order = order.index_select(0, torch.argsort(key.index_select(0, order), stable=True))
+        return order
+    digits = []
+    for key, bound in packed:
+        if bound > limit:  # split a wide key into 16-bit digits
+            key = key.astype(np.int64, copy=False)
+            while bound > limit:
+                digits.append((key & (limit - 1)).astype(np.uint16))
+                key, bound = key >> 16, -(-bound // limit)
+        digits.append(key.astype(np.uint16))
+    return np.lexsort(digits)
 
 
 def _take(values: Array, index: Array) -> Array:
@@ -395,7 +417,10 @@ def _check_cell_numpy(cell: np.ndarray, pbc: np.ndarray) -> None:
     if len(rows) > 1:
         (a1, a2, a3), (b1, b2, b3) = rows[0], rows[1]
         cross = (a2 * b3 - a3 * b2, a3 * b1 - a1 * b3, a1 * b2 - a2 * b1)
-        volume = math.hypot(*cross) if len(rows) == 2 else abs(np.dot(cross, rows[2]))
+        if len(rows) == 2:
+            volume = math.hypot(*cross)
+        else:
+            volume = abs(sum(x * y for x, y in zip(cross, rows[2], strict=True)))
     if not volume > _SINGULAR * math.prod(math.hypot(*row) for row in rows):
         raise DataError(_singular_message(pbc.tolist()))
 
