@@ -1,0 +1,1 @@
+"""Training: losses, label normalisation, element references, optimizer, LR schedule, EMA."""
