@@ -78,20 +78,102 @@ def run_data_command(args: argparse.Namespace) -> None:
         print(json.dumps(info_summary) if args.json else format_info(info_summary))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv`` and run; a CatforgeError is printed as one line and exits with status 2."""
-    args = build_parser().parse_args(argv)
+def build_ocp_parser() -> argparse.ArgumentParser:
+    """OCP's ``main.py`` flags; unknown ``--a.b=value`` arguments are config overrides."""
+    parser = argparse.ArgumentParser(
+        prog="catforge",
+        description="Run an OCP-format config: catforge --mode train --config-yml CONFIG "
+        "[--optim.lr_initial=0.001 ...]. Data tools: catforge data -h; config: catforge config -h.",
+    )
+    add = parser.add_argument
+    add("--mode", required=True, help="train, validate, predict or run-relaxations")
+    add("--config-yml", type=Path, required=True, help="OCP-format YAML config")
+    add("--checkpoint", type=Path, help="checkpoint to load")
+    add("--identifier", default="", help="appended to the run's timestamp id")
+    add("--seed", type=int, default=0)
+    add("--run-dir", type=Path, default=Path("."), help="root of checkpoints/, results/, logs/")
+    add("--print-every", type=int, default=10, help="log every N steps")
+    add("--amp", action="store_true", help="mixed precision on CUDA")
+    add("--cpu", action="store_true", help="run on the CPU even if CUDA is present")
+    add("--debug", action="store_true", help="write no folders, logs or checkpoints")
+    add("--timestamp-id", help="reuse this run id (continue a run's folders)")
+    add("--logdir", type=Path, default=Path("logs"), help="Slurm job logs")
+    add("-v", "--verbose", action="store_true", help="debug logging")
+    add("--submit", action="store_true", help="submit to Slurm through submitit")
+    add("--num-nodes", type=int, default=1)
+    add("--num-gpus", type=int, default=1)
+    add("--distributed", action="store_true")
+    add("--distributed-port", type=int, default=13356)
+    add("--distributed-backend", default="nccl")
+    add("--local_rank", "--local-rank", dest="local_rank", type=int, default=0)
+    add("--slurm-partition", default="ocp")
+    add("--slurm-mem", type=int, default=80, help="GB")
+    add("--slurm-timeout", type=int, default=72, help="hours")
+    add("--num-workers", type=int, default=0, help="CPUs per Slurm task minus one")
+    add("--sweep-yml", type=Path)
+    return parser
+
+
+def run_ocp_command(argv: Sequence[str]) -> int:
+    """``--mode ... --config-yml ...`` with dotted overrides."""
+    parser = build_ocp_parser()
+    args, extra = parser.parse_known_args(argv)
+    _configure_logging(args.verbose)
+    unknown = [arg for arg in extra if not (arg.startswith("--") and "." in arg.split("=")[0])]
+    if unknown:
+        parser.error(
+            f"unrecognized arguments: {' '.join(unknown)} "
+            "(config overrides look like --optim.lr_initial=0.001)"
+        )
+    from catforge.config import RunOptions, load_config
+    from catforge.modes import run
+
+    options = RunOptions.from_namespace(args)
+    config = load_config(args.config_yml, extra, options)
+    run(config)
+    return 0
+
+
+def run_config_command(argv: Sequence[str]) -> None:
+    """``catforge config show CONFIG [overrides]``: print the fully resolved config as YAML."""
+    parser = argparse.ArgumentParser(prog="catforge config")
+    commands = parser.add_subparsers(dest="command", required=True)
+    show = commands.add_parser("show", help="print the resolved config (includes, overrides)")
+    show.add_argument("config", type=Path)
+    args, extra = parser.parse_known_args(argv)
+    import yaml
+
+    from catforge.config import load_config
+
+    config = load_config(args.config, extra)
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+
+
+def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv`` and run; a CatforgeError is printed as one line and exits with status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        run_data_command(args)
+        if argv and argv[0] == "data":
+            args = build_parser().parse_args(argv)
+            _configure_logging(args.verbose)
+            run_data_command(args)
+            return 0
+        if argv and argv[0] == "config":
+            _configure_logging(False)
+            run_config_command(argv[1:])
+            return 0
+        return run_ocp_command(argv)
     except CatforgeError as error:
         print(f"catforge: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

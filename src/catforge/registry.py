@@ -26,3 +26,10 @@ def dataset_factories() -> dict[str, Callable[..., object]]:
     from catforge.data.lmdb import LmdbDataset
 
     return {"lmdb": LmdbDataset, "single_point_lmdb": LmdbDataset, "trajectory_lmdb": LmdbDataset}
+
+
+def model_factories() -> dict[str, Callable[..., object]]:
+    """Model name (as in OCP configs' ``model.name``) -> factory taking the rest of the block."""
+    from catforge.models.schnet import build_schnet
+
+    return {"schnet": build_schnet}

@@ -1,0 +1,67 @@
+"""Evaluation of a force model over a data loader: OC20 metrics accumulated as totals."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from catforge.data.graph import AtomicGraph
+from catforge.metrics import MetricTotals, energy_totals, force_totals
+from catforge.models.forces import ForceModel
+from catforge.training.normalizer import TargetTransform
+
+
+def batch_totals(
+    model: ForceModel,
+    batch: AtomicGraph,
+    transform: TargetTransform,
+    *,
+    with_forces: bool,
+    eval_on_free_atoms: bool = True,
+) -> MetricTotals:
+    """Metric totals of one batch: S2EF metrics ``with_forces``, else IS2RE energy metrics."""
+    output = model(batch, training=False)
+    energy, forces = transform.denormalize(output.energy, output.forces, batch)
+    target_energy = getattr(batch, transform.field)
+    if not with_forces:
+        return energy_totals(energy, target_energy)
+    if forces is None or batch.force is None:
+        raise ValueError("S2EF metrics need predicted and reference forces")
+    return force_totals(
+        forces,
+        batch.force,
+        batch.batch,
+        batch.n_graphs,
+        ~batch.fixed if eval_on_free_atoms else None,
+        pred_energy=energy,
+        target_energy=target_energy,
+    )
+
+
+def evaluate(
+    model: ForceModel,
+    batches: Iterable[AtomicGraph],
+    transform: TargetTransform,
+    device: torch.device,
+    *,
+    with_forces: bool,
+    eval_on_free_atoms: bool = True,
+) -> MetricTotals:
+    """Totals over every batch (the caller all-reduces them across processes)."""
+    was_training = model.training
+    model.eval()
+    totals = MetricTotals()
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            totals = totals + batch_totals(
+                model,
+                batch,
+                transform,
+                with_forces=with_forces,
+                eval_on_free_atoms=eval_on_free_atoms,
+            )
+    finally:
+        model.train(was_training)
+    return totals

@@ -1,0 +1,45 @@
+"""Where a run writes: OCP's ``checkpoints/``, ``results/`` and ``logs/<logger>/`` folders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The folders of one run, all named by its timestamp id (``<time>[-<identifier>]``)."""
+
+    timestamp_id: str
+    checkpoint_dir: Path
+    results_dir: Path
+    logs_dir: Path
+
+    @classmethod
+    def create(
+        cls,
+        run_dir: Path,
+        *,
+        logger: str = "tensorboard",
+        identifier: str = "",
+        timestamp_id: str | None = None,
+        now: datetime | None = None,
+    ) -> RunPaths:
+        """Paths for a new run (or for ``timestamp_id``, to continue one); nothing is created."""
+        if timestamp_id is None:
+            timestamp_id = (now or datetime.now()).strftime("%Y-%m-%d-%H-%M-%S")
+            if identifier:
+                timestamp_id = f"{timestamp_id}-{identifier}"
+        return cls(
+            timestamp_id=timestamp_id,
+            checkpoint_dir=run_dir / "checkpoints" / timestamp_id,
+            results_dir=run_dir / "results" / timestamp_id,
+            logs_dir=run_dir / "logs" / logger / timestamp_id,
+        )
+
+    def make(self) -> RunPaths:
+        """Create the folders (main process only)."""
+        for folder in (self.checkpoint_dir, self.results_dir, self.logs_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self

@@ -1,0 +1,121 @@
+"""Build the objects a run needs from a typed Config: datasets, loaders, model, label transform."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from catforge.config import Config, DatasetConfig
+from catforge.config.build import model_factory
+from catforge.data.collate import collate
+from catforge.data.graph import AtomicGraph
+from catforge.errors import ConfigError
+from catforge.models.forces import ForceModel
+from catforge.registry import dataset_factories, lookup
+from catforge.training.normalizer import (
+    ElementReferences,
+    Normalizer,
+    TargetTransform,
+    fit_statistics,
+)
+
+log = logging.getLogger(__name__)
+
+
+def energy_field(config: Config) -> str:
+    """The energy label: ``y_relaxed`` for the IS2RE ``energy`` trainer, ``y`` for S2EF."""
+    return "y_relaxed" if config.trainer == "energy" else "y"
+
+
+def with_forces(config: Config) -> bool:
+    """Whether the run trains and evaluates forces (the ``forces`` trainer)."""
+    return config.trainer == "forces"
+
+
+def build_dataset(config: Config, entry: DatasetConfig) -> Dataset[AtomicGraph]:
+    """The dataset class named by ``task.dataset`` over ``entry.src``."""
+    factory = lookup(dataset_factories(), config.task.dataset, "dataset (task.dataset)")
+    return factory(entry.src)  # type: ignore[return-value]
+
+
+def build_loader(
+    dataset: Dataset[AtomicGraph],
+    batch_size: int,
+    *,
+    shuffle: bool,
+    num_workers: int,
+    seed: int,
+) -> DataLoader[AtomicGraph]:
+    """A DataLoader collating AtomicGraphs; shuffling draws from a generator seeded by ``seed``."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def build_model(config: Config) -> ForceModel:
+    """The model named by ``model.name`` with its attributes (forces for the forces trainer)."""
+    model = model_factory(config.model.name)(**config.model.attributes)
+    if not isinstance(model, ForceModel):
+        raise ConfigError(f"model '{config.model.name}' did not build a ForceModel")
+    if with_forces(config) and not model.regress_forces:
+        raise ConfigError("trainer 'forces' needs model.regress_forces: true")
+    return model
+
+
+def build_transform(config: Config, train: Dataset[AtomicGraph] | None) -> TargetTransform:
+    """Label normalisers and element references from the config, fitted on ``train`` if missing."""
+    field = energy_field(config)
+    references = _element_references(config.task.element_references)
+    entry = config.dataset.train
+    normalize = entry is not None and entry.normalize_labels
+    needs_fit = config.task.element_references == "fit" or (
+        normalize and entry is not None and entry.target_mean is None
+    )
+    if needs_fit:
+        if train is None:
+            raise ConfigError("normalisation statistics are missing and there is no training set")
+        stats = fit_statistics(
+            train,
+            field,
+            with_forces=with_forces(config),
+            element_references=references,
+            fit_references=config.task.element_references == "fit",
+        )
+        log.info(
+            "label statistics from %d training structures: target_mean %.6g, target_std %.6g",
+            stats.count,
+            stats.target_mean,
+            stats.target_std,
+        )
+        references = stats.element_references
+        target = Normalizer(stats.target_mean, stats.target_std) if normalize else Normalizer()
+        return TargetTransform(target, None, references, field)
+    if not normalize or entry is None:
+        return TargetTransform(None, None, references, field)
+    target = Normalizer(entry.target_mean or 0.0, entry.target_std or 1.0)
+    grad = None
+    if entry.grad_target_std is not None:
+        grad = Normalizer(entry.grad_target_mean or 0.0, entry.grad_target_std)
+    return TargetTransform(target, grad, references, field)
+
+
+def _element_references(setting: str | Path | None) -> ElementReferences | None:
+    if setting is None or setting == "fit":
+        return None
+    return ElementReferences.from_file(setting)
+
+
+def pick_device(cpu: bool) -> torch.device:
+    """CUDA when available and not ``--cpu``, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")

@@ -1,0 +1,302 @@
+"""The one trainer: ``trainer: energy`` (IS2RE) and ``trainer: forces`` (S2EF) differ in targets."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from catforge.checkpoint import save_checkpoint
+from catforge.config import Config
+from catforge.data.graph import AtomicGraph
+from catforge.evaluate import evaluate
+from catforge.metrics import (
+    MetricTotals,
+    energy_totals,
+    force_totals,
+    format_metrics_table,
+    is_better,
+    metric_direction,
+    primary_metric,
+)
+from catforge.models.forces import ForceModel
+from catforge.progress import progress_enabled
+from catforge.runs import RunPaths
+from catforge.training.build import build_loader, build_transform, with_forces
+from catforge.training.loggers import RunLogger
+from catforge.training.losses import LossResult, energy_loss, s2ef_loss
+from catforge.training.normalizer import TargetTransform
+from catforge.training.optim import (
+    ExponentialMovingAverage,
+    LRSchedule,
+    build_optimizer,
+    build_scheduler,
+    clip_gradients,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Counters of a run: optimizer steps taken, finished epochs, best primary metric."""
+
+    step: int = 0
+    epoch: int = 0
+    best_metric: float | None = None
+
+
+class Trainer:
+    """Trains a ForceModel on ``dataset.train``, evaluating on ``dataset.val``."""
+
+    def __init__(
+        self,
+        config: Config,
+        model: ForceModel,
+        train_set: Any,
+        val_set: Any | None,
+        paths: RunPaths,
+        device: torch.device,
+        logger: RunLogger,
+    ) -> None:
+        self.config, self.paths, self.device, self.logger = config, paths, device, logger
+        optim = config.optim
+        self.model = model.to(device)
+        self.transform: TargetTransform = build_transform(config, train_set)
+        seed = config.options.seed
+        self.train_loader = build_loader(
+            train_set, optim.batch_size, shuffle=True, num_workers=optim.num_workers, seed=seed
+        )
+        self.val_loader: DataLoader[AtomicGraph] | None = None
+        if val_set is not None:
+            self.val_loader = build_loader(
+                val_set, optim.eval_batch_size or optim.batch_size, shuffle=False,
+                num_workers=optim.num_workers, seed=seed,
+            )  # fmt: skip
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = optim.max_steps or (optim.max_epochs or 1) * self.steps_per_epoch
+        self.eval_every = optim.eval_every or self.steps_per_epoch
+        self.task = "s2ef" if with_forces(config) else "is2re"
+        self.primary = config.task.primary_metric or primary_metric(self.task)
+        self.optimizer = build_optimizer(
+            self.model, optim.optimizer, lr=optim.lr_initial,
+            weight_decay=optim.weight_decay, optimizer_params=optim.optimizer_params,
+        )  # fmt: skip
+        self.schedule = self._build_schedule()
+        self.ema = (
+            ExponentialMovingAverage(self.model.parameters(), optim.ema_decay)
+            if optim.ema_decay
+            else None
+        )
+        self.amp = config.options.amp and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.state = TrainState()
+
+    def _build_schedule(self) -> LRSchedule:
+        optim = self.config.optim
+        return build_scheduler(
+            self.optimizer, optim.scheduler, steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps, warmup=optim.warmup, warmup_factor=optim.warmup_factor,
+            milestones=optim.lr_milestones, gamma=optim.lr_gamma, unit=optim.schedule_unit,
+            params=optim.scheduler_params, mode=metric_direction(self.primary),
+        )  # fmt: skip
+
+    # --- training -------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, float]:
+        """Run to ``max_steps``/``max_epochs``; return the last validation metrics."""
+        log.info(
+            "training %s: %d structures, %d steps per epoch, %d steps, device %s",
+            self.task, len(self.train_loader.dataset), self.steps_per_epoch,  # type: ignore[arg-type]
+            self.total_steps, self.device,
+        )  # fmt: skip
+        last_val: dict[str, float] = {}
+        window = _Window()
+        bar = self._progress_bar()
+        while self.state.step < self.total_steps:
+            for batch in self._epoch_batches():
+                result, grad_norm, totals = self._train_step(batch)
+                self.state.step += 1
+                window.add(result, grad_norm, totals, batch.n_graphs)
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(result.total.detach()):.4f}", refresh=False)
+                if self.state.step % self.config.options.print_every == 0:
+                    self._log_train(window.flush())
+                if self.state.step % self.eval_every == 0 or self.state.step == self.total_steps:
+                    last_val = self._validate() or last_val
+                if self.state.step >= self.total_steps:
+                    break
+            self.state.epoch += 1
+            self._save("checkpoint.pt", last_val)
+        bar.close()
+        if window.count:
+            self._log_train(window.flush())
+        return last_val
+
+    def _epoch_batches(self) -> Iterator[AtomicGraph]:
+        """This epoch's batches, shuffled by a generator seeded with (seed, epoch)."""
+        generator = self.train_loader.generator
+        if generator is not None:
+            generator.manual_seed(self.config.options.seed * 100_003 + self.state.epoch)
+        yield from self.train_loader
+
+    def _train_step(self, batch: AtomicGraph) -> tuple[LossResult, float, MetricTotals]:
+        batch = batch.to(self.device)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else _null()
+        with autocast:
+            output = self.model(batch, training=True)
+            result = self._loss(output.energy, output.forces, batch)
+        self.scaler.scale(result.total).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_gradients(self.model.parameters(), self.config.optim.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update()
+        self.schedule.step_batch()
+        with torch.no_grad():
+            totals = self._batch_metrics(output.energy.detach(), output.forces, batch)
+        return result, float(grad_norm), totals
+
+    def _loss(
+        self, energy: torch.Tensor, forces: torch.Tensor | None, batch: AtomicGraph
+    ) -> LossResult:
+        optim = self.config.optim
+        energy_target, forces_target = self.transform.normalize_batch(batch)
+        if not with_forces(self.config):
+            return energy_loss(
+                energy.float(), energy_target, loss_energy=optim.loss_energy,
+                energy_coefficient=optim.energy_coefficient,
+            )  # fmt: skip
+        return s2ef_loss(
+            energy.float(), energy_target, None if forces is None else forces.float(),
+            forces_target, fixed=batch.fixed, loss_energy=optim.loss_energy,
+            loss_force=optim.loss_force, energy_coefficient=optim.energy_coefficient,
+            force_coefficient=optim.force_coefficient,
+            train_on_free_atoms=self.config.task.train_on_free_atoms,
+        )  # fmt: skip
+
+    def _batch_metrics(
+        self, energy: torch.Tensor, forces: torch.Tensor | None, batch: AtomicGraph
+    ) -> MetricTotals:
+        forces = None if forces is None else forces.detach()
+        energy_ev, forces_ev = self.transform.denormalize(energy.float(), forces, batch)
+        target = getattr(batch, self.transform.field)
+        if not with_forces(self.config) or forces_ev is None or batch.force is None:
+            return energy_totals(energy_ev, target)
+        free = ~batch.fixed if self.config.task.eval_on_free_atoms else None
+        return force_totals(
+            forces_ev.float(), batch.force, batch.batch, batch.n_graphs, free,
+            pred_energy=energy_ev, target_energy=target,
+        )  # fmt: skip
+
+    # --- evaluation, logging, checkpoints -------------------------------------------------------
+
+    def validate(self) -> dict[str, float]:
+        """Metrics on the validation set (EMA weights when EMA is on)."""
+        if self.val_loader is None:
+            return {}
+        with self.ema.average_parameters() if self.ema is not None else _null():
+            totals = evaluate(
+                self.model, self.val_loader, self.transform, self.device,
+                with_forces=with_forces(self.config),
+                eval_on_free_atoms=self.config.task.eval_on_free_atoms,
+            )  # fmt: skip
+        return totals.compute()
+
+    def _validate(self) -> dict[str, float]:
+        metrics = self.validate()
+        if not metrics:
+            return metrics
+        epoch = self.state.step / self.steps_per_epoch
+        self.logger.log(metrics, step=self.state.step, split="val", epoch=epoch)
+        log.info(
+            "val step %d epoch %.2f\n%s", self.state.step, epoch, format_metrics_table(metrics)
+        )
+        value = metrics.get(self.primary, math.nan)
+        self.schedule.step_eval(value)
+        if is_better(self.primary, value, self.state.best_metric):
+            self.state.best_metric = value
+            with self.ema.average_parameters() if self.ema is not None else _null():
+                self._save("best_checkpoint.pt", metrics)
+        return metrics
+
+    def _log_train(self, metrics: dict[str, float]) -> None:
+        metrics["lr"] = self.schedule.lr
+        epoch = self.state.step / self.steps_per_epoch
+        self.logger.log(metrics, step=self.state.step, split="train", epoch=epoch)
+        if not progress_enabled():
+            shown = ", ".join(f"{name}: {value:.4g}" for name, value in metrics.items())
+            log.info("step %d epoch %.2f: %s", self.state.step, epoch, shown)
+
+    def _save(self, name: str, val_metrics: dict[str, float]) -> Path | None:
+        if self.config.options.debug:
+            return None
+        state = {
+            "epoch": self.state.epoch,
+            "step": self.state.step,
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "normalizers": self.transform.state_dict(),
+            "config": self.config.to_dict(),
+            "val_metrics": val_metrics,
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "amp": self.scaler.state_dict() if self.amp else None,
+            "best_val_metric": self.state.best_metric,
+            "primary_metric": self.primary,
+        }
+        return save_checkpoint(state, self.paths.checkpoint_dir / name)
+
+    def _progress_bar(self) -> Any:
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.total_steps, initial=self.state.step, desc="train", unit="step",
+            disable=not progress_enabled(), dynamic_ncols=True,
+        )  # fmt: skip
+
+
+class _Window:
+    """Training metrics accumulated between two log lines (totals, not averages of averages)."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.count = 0
+        self.loss = 0.0
+        self.grad_norm = 0.0
+        self.structures = 0
+        self.totals = MetricTotals()
+        self.start = time.perf_counter()
+
+    def add(self, result: LossResult, grad_norm: float, totals: MetricTotals, n: int) -> None:
+        self.count += 1
+        self.loss += float(result.total.detach())
+        self.grad_norm += grad_norm
+        self.structures += n
+        self.totals = self.totals + totals
+
+    def flush(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        metrics = self.totals.compute()
+        metrics["loss"] = self.loss / max(self.count, 1)
+        metrics["grad_norm"] = self.grad_norm / max(self.count, 1)
+        metrics["structures_per_s"] = self.structures / elapsed
+        self._reset()
+        return metrics
+
+
+def _null() -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()
