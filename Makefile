@@ -3,7 +3,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-DEMO_DIR ?= demo_data
 PYTEST_ARGS ?=
 
 .PHONY: demo test lint format benchmarks clean
@@ -14,8 +13,13 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
+# The demo: build the EMT dataset if missing, train S2EF SchNet on it, then validate the checkpoint.
 demo: $(BIN)/.installed
-	$(BIN)/catforge data demo --out $(DEMO_DIR) --overwrite
+	test -f demo_data/stats.yml || $(BIN)/catforge data demo --out demo_data
+	run=$$(date +%Y-%m-%d-%H-%M-%S)-demo && \
+	$(BIN)/python main.py --mode train --config-yml configs/demo/s2ef_schnet.yml --timestamp-id $$run && \
+	$(BIN)/python main.py --mode validate --config-yml configs/demo/s2ef_schnet.yml \
+		--checkpoint checkpoints/$$run/checkpoint.pt --timestamp-id $$run
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
@@ -33,4 +37,4 @@ benchmarks: $(BIN)/.installed
 	$(BIN)/python benchmarks/lmdb_read.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) build src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) demo_data build src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
