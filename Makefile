@@ -13,12 +13,16 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-# The demo: build the EMT dataset if missing, train S2EF SchNet on it, then validate the checkpoint.
+# The demo: build the EMT dataset if missing, train S2EF SchNet on it, validate the checkpoint and
+# predict the test split (predictions.json and s2ef_predictions.npz in results/<run>/).
+DEMO_CONFIG := configs/demo/s2ef_schnet.yml
 demo: $(BIN)/.installed
 	test -f demo_data/stats.yml || $(BIN)/catforge data demo --out demo_data
 	run=$$(date +%Y-%m-%d-%H-%M-%S)-demo && \
-	$(BIN)/python main.py --mode train --config-yml configs/demo/s2ef_schnet.yml --timestamp-id $$run && \
-	$(BIN)/python main.py --mode validate --config-yml configs/demo/s2ef_schnet.yml \
+	$(BIN)/python main.py --mode train --config-yml $(DEMO_CONFIG) --timestamp-id $$run && \
+	$(BIN)/python main.py --mode validate --config-yml $(DEMO_CONFIG) \
+		--checkpoint checkpoints/$$run/checkpoint.pt --timestamp-id $$run && \
+	$(BIN)/python main.py --mode predict --config-yml $(DEMO_CONFIG) \
 		--checkpoint checkpoints/$$run/checkpoint.pt --timestamp-id $$run
 
 test: $(BIN)/.installed

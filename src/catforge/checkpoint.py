@@ -1,8 +1,11 @@
 """Checkpoints: atomic, versioned save and load of training state and model weights.
 
-A checkpoint is a dict with OCP's keys (``state_dict``, ``optimizer``, ``scheduler``,
-``normalizers``, ``config``, ``epoch``, ``step``, ``val_metrics``, ``ema``, ``amp``) plus
-``format_version``. Model weights are saved unwrapped (no DDP ``module.`` prefix).
+``checkpoint.pt`` (full training state) has OCP's keys (``state_dict``, ``optimizer``,
+``scheduler``, ``normalizers``, ``config``, ``epoch``, ``step``, ``val_metrics``, ``ema``,
+``amp``, ``best_val_metric``, ``primary_metric``) plus ``format_version``, ``run_id``,
+``batch_in_epoch``, ``steps_per_epoch`` and ``rng`` (torch, cuda, numpy, python).
+``best_checkpoint.pt`` holds the same minus optimizer, scheduler, EMA and RNG state (its
+``state_dict`` is the EMA weights when EMA is on). Weights are saved unwrapped (no ``module.``).
 """
 
 from __future__ import annotations
@@ -65,3 +68,39 @@ def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
             key = key[len("module.") :]
         stripped[key] = value
     return stripped
+
+
+def load_weights(model: torch.nn.Module, state_dict: Mapping[str, Any], source: str | Path) -> None:
+    """Load ``state_dict`` into ``model`` strictly; a mismatch is a CheckpointError naming the
+    first missing, unexpected or differently shaped parameter (with both shapes)."""
+    state_dict = strip_module_prefix(state_dict)
+    expected = model.state_dict()
+    problem = _weights_mismatch(expected, state_dict)
+    if problem:
+        raise CheckpointError(f"{source}: checkpoint does not fit the configured model: {problem}")
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{source}: checkpoint does not fit the configured model: {str(error).splitlines()[0]}"
+        ) from error
+
+
+def _weights_mismatch(expected: Mapping[str, Any], found: Mapping[str, Any]) -> str | None:
+    """A description of the first difference between two state dicts, or None."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        return f"parameter '{missing[0]}' is missing from the checkpoint{more}"
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        return f"unexpected parameter '{unexpected[0]}' in the checkpoint{more}"
+    for key, tensor in expected.items():
+        shape = tuple(getattr(found[key], "shape", ()))
+        if tuple(tensor.shape) != shape:
+            return (
+                f"parameter '{key}' has shape {shape} in the checkpoint but "
+                f"{tuple(tensor.shape)} in the model"
+            )
+    return None

@@ -6,24 +6,26 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from catforge.checkpoint import load_checkpoint
+from catforge.checkpoint import load_checkpoint, load_weights
 from catforge.config import Config
 from catforge.errors import CheckpointError, ConfigError
 from catforge.evaluate import evaluate
 from catforge.metrics import format_metrics_table
+from catforge.predict import load_model, load_transform, run_predict
 from catforge.runs import RunPaths
 from catforge.training.build import (
     build_dataset,
     build_loader,
     build_model,
-    build_transform,
     pick_device,
     with_forces,
 )
 from catforge.training.loggers import RunLogger
+from catforge.training.resume import report_config_diff
 from catforge.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,12 @@ def run(config: Config) -> dict[str, float]:
         return train(config)
     if mode == "validate":
         return validate(config)
+    if mode == "predict":
+        run_predict(config)
+        return {}
     raise ConfigError(
-        f"--mode {mode} is not available in this version of catforge; use train or validate"
+        f"--mode {mode} is not available in this version of catforge; "
+        "use train, validate or predict"
     )
 
 
@@ -53,8 +59,13 @@ def _paths(config: Config) -> RunPaths:
 
 
 def train(config: Config) -> dict[str, float]:
-    """``--mode train``: fit the model, evaluate on val, write checkpoints, logs and metrics."""
-    paths = _paths(config)
+    """``--mode train``: fit the model, evaluate on val, write checkpoints, logs and metrics.
+
+    With ``--checkpoint CKPT`` the run continues exactly where CKPT stopped, in the same run
+    folders; ``optim.init_from`` starts a new run from a checkpoint's weights only.
+    """
+    resume = _resume_state(config)
+    paths = _train_paths(config, resume)
     debug = config.options.debug
     if not debug:
         paths.make()
@@ -62,8 +73,12 @@ def train(config: Config) -> dict[str, float]:
     val_entry = config.dataset.val
     val_set = None if val_entry is None else build_dataset(config, val_entry)
     model = build_model(config)
-    if config.optim.init_from is not None:
-        model.load_state_dict(load_checkpoint(config.optim.init_from)["state_dict"])
+    if resume is not None:
+        load_weights(model, resume["state_dict"], str(config.options.checkpoint))
+    elif config.optim.init_from is not None:
+        init = load_checkpoint(config.optim.init_from)
+        load_weights(model, init["state_dict"], str(config.optim.init_from))
+        log.info("fine-tuning from the weights of %s", config.optim.init_from)
     logger = (
         RunLogger.disabled()
         if debug
@@ -71,7 +86,7 @@ def train(config: Config) -> dict[str, float]:
     )
     device = pick_device(config.options.cpu)
     with logger:
-        trainer = Trainer(config, model, train_set, val_set, paths, device, logger)
+        trainer = Trainer(config, model, train_set, val_set, paths, device, logger, resume)
         metrics = trainer.train()
     if metrics:
         print(format_metrics_table(metrics))
@@ -82,26 +97,41 @@ def train(config: Config) -> dict[str, float]:
     return metrics
 
 
+def _resume_state(config: Config) -> dict[str, Any] | None:
+    """The checkpoint to resume from (``--checkpoint``), its config differences reported."""
+    if config.options.checkpoint is None:
+        return None
+    state = load_checkpoint(config.options.checkpoint)
+    if "optimizer" not in state:
+        raise CheckpointError(
+            f"{config.options.checkpoint}: holds weights only (no optimizer state), so training "
+            "cannot resume from it; use optim.init_from to fine-tune from these weights"
+        )
+    report_config_diff(state.get("config"), config.to_dict())
+    return state
+
+
+def _train_paths(config: Config, resume: dict[str, Any] | None) -> RunPaths:
+    """The run folders: ``--timestamp-id``, else the resumed run's own id, else a new one."""
+    options = config.options
+    timestamp_id = options.timestamp_id
+    if timestamp_id is None and resume is not None:
+        timestamp_id = resume.get("run_id") or Path(str(options.checkpoint)).resolve().parent.name
+    return RunPaths.create(
+        options.run_dir,
+        logger=config.logger.name,
+        identifier=options.identifier,
+        timestamp_id=timestamp_id,
+    )
+
+
 def validate(config: Config) -> dict[str, float]:
     """``--mode validate --checkpoint CKPT``: metrics of the val set, printed and saved as JSON."""
     if config.options.checkpoint is None:
         raise ConfigError("--mode validate needs --checkpoint CKPT")
     checkpoint = load_checkpoint(config.options.checkpoint)
-    model = build_model(config)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise CheckpointError(
-            f"{config.options.checkpoint}: weights do not fit model '{config.model.name}' "
-            f"as configured: {str(error).splitlines()[0]}"
-        ) from error
-    transform = build_transform(config, None) if "normalizers" not in checkpoint else None
-    if transform is None:
-        from catforge.training.build import energy_field
-        from catforge.training.normalizer import TargetTransform
-
-        transform = TargetTransform(field=energy_field(config))
-        transform.load_state_dict(checkpoint["normalizers"])
+    model = load_model(config, checkpoint, config.options.checkpoint)
+    transform = load_transform(config, checkpoint)
     val_set = build_dataset(config, config.dataset.split("val"))
     optim = config.optim
     loader = build_loader(

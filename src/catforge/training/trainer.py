@@ -6,16 +6,17 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
 
 from catforge.checkpoint import save_checkpoint
 from catforge.config import Config
+from catforge.data.collate import collate
 from catforge.data.graph import AtomicGraph
 from catforge.evaluate import evaluate
 from catforge.metrics import (
@@ -30,7 +31,7 @@ from catforge.metrics import (
 from catforge.models.forces import ForceModel
 from catforge.progress import progress_enabled
 from catforge.runs import RunPaths
-from catforge.training.build import build_loader, build_transform, with_forces
+from catforge.training.build import build_loader, build_transform, energy_field, with_forces
 from catforge.training.loggers import RunLogger
 from catforge.training.losses import LossResult, energy_loss, s2ef_loss
 from catforge.training.normalizer import TargetTransform
@@ -41,21 +42,35 @@ from catforge.training.optim import (
     build_scheduler,
     clip_gradients,
 )
+from catforge.training.resume import (
+    EpochBatchSampler,
+    better_of,
+    epoch_seed,
+    rng_state,
+    set_rng_state,
+    stored_best,
+)
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainState:
-    """Counters of a run: optimizer steps taken, finished epochs, best primary metric."""
+    """Counters of a run: optimizer steps taken, finished epochs, best primary metric, and
+    batches of the current epoch already consumed (where a resumed epoch continues)."""
 
     step: int = 0
     epoch: int = 0
     best_metric: float | None = None
+    batch: int = 0
 
 
 class Trainer:
-    """Trains a ForceModel on ``dataset.train``, evaluating on ``dataset.val``."""
+    """Trains a ForceModel on ``dataset.train``, evaluating on ``dataset.val``.
+
+    ``resume`` (a ``checkpoint.pt`` dict) continues that run exactly: counters, position in
+    the epoch, optimizer, schedule, EMA, normalisers, AMP scaler, best metric and RNG states.
+    """
 
     def __init__(
         self,
@@ -66,15 +81,19 @@ class Trainer:
         paths: RunPaths,
         device: torch.device,
         logger: RunLogger,
+        resume: Mapping[str, Any] | None = None,
     ) -> None:
         self.config, self.paths, self.device, self.logger = config, paths, device, logger
         optim = config.optim
         self.model = model.to(device)
-        self.transform: TargetTransform = build_transform(config, train_set)
+        self.transform = self._build_transform(train_set, resume)
         seed = config.options.seed
-        self.train_loader = build_loader(
-            train_set, optim.batch_size, shuffle=True, num_workers=optim.num_workers, seed=seed
-        )
+        self.batch_sampler = EpochBatchSampler(len(train_set), optim.batch_size, seed)
+        self.train_loader: DataLoader[AtomicGraph] = DataLoader(
+            train_set, batch_sampler=self.batch_sampler, num_workers=optim.num_workers,
+            collate_fn=collate, generator=torch.Generator().manual_seed(seed),
+            persistent_workers=optim.num_workers > 0, pin_memory=torch.cuda.is_available(),
+        )  # fmt: skip
         self.val_loader: DataLoader[AtomicGraph] | None = None
         if val_set is not None:
             self.val_loader = build_loader(
@@ -84,6 +103,7 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = optim.max_steps or (optim.max_epochs or 1) * self.steps_per_epoch
         self.eval_every = optim.eval_every or self.steps_per_epoch
+        self.checkpoint_every = optim.checkpoint_every or self.eval_every
         self.task = "s2ef" if with_forces(config) else "is2re"
         self.primary = config.task.primary_metric or primary_metric(self.task)
         self.optimizer = build_optimizer(
@@ -99,14 +119,51 @@ class Trainer:
         self.amp = config.options.amp and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.state = TrainState()
+        self._saved_step: int | None = None
+        if resume is not None:
+            self._restore(resume)
+
+    def _build_transform(self, train_set: Any, resume: Mapping[str, Any] | None) -> TargetTransform:
+        """The checkpoint's normalisers when resuming, else those of the config/training set."""
+        if resume is None or not resume.get("normalizers"):
+            return build_transform(self.config, train_set)
+        transform = TargetTransform(field=energy_field(self.config))
+        transform.load_state_dict(resume["normalizers"])
+        return transform
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        """Load the training state of a ``checkpoint.pt``; RNG states last."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scheduler"):
+            self.schedule.load_state_dict(state["scheduler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        if self.amp and state.get("amp"):
+            self.scaler.load_state_dict(state["amp"])
+        step = int(state.get("step", 0))
+        if "batch_in_epoch" in state:
+            epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
+        else:  # OCP checkpoints: a (possibly fractional) epoch only
+            epoch, batch = divmod(step, self.steps_per_epoch)
+        same_metric = state.get("primary_metric", self.primary) == self.primary
+        best = state.get("best_val_metric") if same_metric else None
+        best_file = stored_best(self.paths.checkpoint_dir / "best_checkpoint.pt", self.primary)
+        self.state = TrainState(step, epoch, better_of(self.primary, best, best_file), batch)
+        self._saved_step = step
+        set_rng_state(state.get("rng"))
+        log.info(
+            "resumed at step %d (epoch %d, batch %d of %d), best %s %s",
+            step, epoch, batch, self.steps_per_epoch, self.primary, self.state.best_metric,
+        )  # fmt: skip
 
     def _build_schedule(self) -> LRSchedule:
         optim = self.config.optim
+        mode: Literal["min", "max"] = "max" if metric_direction(self.primary) == "max" else "min"
         return build_scheduler(
             self.optimizer, optim.scheduler, steps_per_epoch=self.steps_per_epoch,
             total_steps=self.total_steps, warmup=optim.warmup, warmup_factor=optim.warmup_factor,
             milestones=optim.lr_milestones, gamma=optim.lr_gamma, unit=optim.schedule_unit,
-            params=optim.scheduler_params, mode=metric_direction(self.primary),
+            params=optim.scheduler_params, mode=mode,
         )  # fmt: skip
 
     # --- training -------------------------------------------------------------------------------
@@ -121,31 +178,41 @@ class Trainer:
         last_val: dict[str, float] = {}
         window = _Window()
         bar = self._progress_bar()
-        while self.state.step < self.total_steps:
+        state = self.state
+        while state.step < self.total_steps:
             for batch in self._epoch_batches():
                 result, grad_norm, totals = self._train_step(batch)
-                self.state.step += 1
+                state.step += 1
+                state.batch += 1
+                epoch_end = state.batch >= self.steps_per_epoch
+                if epoch_end:
+                    state.epoch, state.batch = state.epoch + 1, 0
                 window.add(result, grad_norm, totals, batch.n_graphs)
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(result.total.detach()):.4f}", refresh=False)
-                if self.state.step % self.config.options.print_every == 0:
+                if state.step % self.config.options.print_every == 0:
                     self._log_train(window.flush())
-                if self.state.step % self.eval_every == 0 or self.state.step == self.total_steps:
+                done = state.step >= self.total_steps
+                if state.step % self.eval_every == 0 or done:
                     last_val = self._validate() or last_val
-                if self.state.step >= self.total_steps:
+                if epoch_end or done or state.step % self.checkpoint_every == 0:
+                    self._save_training(last_val)
+                if done:
                     break
-            self.state.epoch += 1
-            self._save("checkpoint.pt", last_val)
         bar.close()
         if window.count:
             self._log_train(window.flush())
         return last_val
 
     def _epoch_batches(self) -> Iterator[AtomicGraph]:
-        """This epoch's batches, shuffled by a generator seeded with (seed, epoch)."""
-        generator = self.train_loader.generator
-        if generator is not None:
-            generator.manual_seed(self.config.options.seed * 100_003 + self.state.epoch)
+        """This epoch's remaining batches of its (seed, epoch) permutation; consumed ones are
+        skipped by index, never loaded."""
+        if self.state.batch >= self.steps_per_epoch:  # resumed with a larger batch size
+            self.state.epoch, self.state.batch = self.state.epoch + 1, 0
+        seed = epoch_seed(self.config.options.seed, self.state.epoch)
+        self.batch_sampler.set_epoch(self.state.epoch, self.state.batch)
+        if self.train_loader.generator is not None:  # worker seeds, away from the global RNG
+            self.train_loader.generator.manual_seed(seed * 1_000_003 + self.state.batch)
         yield from self.train_loader
 
     def _train_step(self, batch: AtomicGraph) -> tuple[LossResult, float, MetricTotals]:
@@ -228,7 +295,7 @@ class Trainer:
         if is_better(self.primary, value, self.state.best_metric):
             self.state.best_metric = value
             with self.ema.average_parameters() if self.ema is not None else _null():
-                self._save("best_checkpoint.pt", metrics)
+                self._save_best(metrics)
         return metrics
 
     def _log_train(self, metrics: dict[str, float]) -> None:
@@ -239,24 +306,43 @@ class Trainer:
             shown = ", ".join(f"{name}: {value:.4g}" for name, value in metrics.items())
             log.info("step %d epoch %.2f: %s", self.state.step, epoch, shown)
 
-    def _save(self, name: str, val_metrics: dict[str, float]) -> Path | None:
-        if self.config.options.debug:
-            return None
-        state = {
+    def _model_state(self, val_metrics: dict[str, float]) -> dict[str, Any]:
+        """What any checkpoint holds: weights, normalisers, config, counters, metrics."""
+        return {
+            "run_id": self.paths.timestamp_id,
             "epoch": self.state.epoch,
             "step": self.state.step,
+            "batch_in_epoch": self.state.batch,
+            "steps_per_epoch": self.steps_per_epoch,
             "state_dict": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.schedule.state_dict(),
             "normalizers": self.transform.state_dict(),
             "config": self.config.to_dict(),
             "val_metrics": val_metrics,
-            "ema": None if self.ema is None else self.ema.state_dict(),
             "amp": self.scaler.state_dict() if self.amp else None,
             "best_val_metric": self.state.best_metric,
             "primary_metric": self.primary,
         }
-        return save_checkpoint(state, self.paths.checkpoint_dir / name)
+
+    def _save_training(self, val_metrics: dict[str, float]) -> Path | None:
+        """``checkpoint.pt``: the full training state (at most once per step)."""
+        if self.config.options.debug or self._saved_step == self.state.step:
+            return None
+        state = {
+            **self._model_state(val_metrics),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "rng": rng_state(),
+        }
+        self._saved_step = self.state.step
+        return save_checkpoint(state, self.paths.checkpoint_dir / "checkpoint.pt")
+
+    def _save_best(self, val_metrics: dict[str, float]) -> Path | None:
+        """``best_checkpoint.pt``: the current (EMA, when on) weights for inference."""
+        if self.config.options.debug:
+            return None
+        state = self._model_state(val_metrics)
+        return save_checkpoint(state, self.paths.checkpoint_dir / "best_checkpoint.pt")
 
     def _progress_bar(self) -> Any:
         from tqdm import tqdm

@@ -1,0 +1,284 @@
+"""``--mode predict``: energies (and forces) of the test set, written as JSON and OC20 npz.
+
+Files, in ``results/<timestamp_id>/``:
+
+- ``predictions.json``: the tutorial's list of ``{"id", "energy"}`` (IS2RE) or
+  ``{"id", "energy", "forces"}`` (S2EF; forces of the free atoms only, one ``[fx, fy, fz]`` per
+  atom, as OCP after #127).
+- ``is2re_predictions.npz`` (``ids``, ``energy``) or ``s2ef_predictions.npz`` (``ids``,
+  ``energy``, ``forces`` of the free atoms concatenated, ``chunk_idx = cumsum(free_counts)[:-1]``
+  so that ``np.split(forces, chunk_idx)`` gives each system's block), the OC20 submission layout.
+
+Ids are ``str(sid)`` (IS2RE) or ``f"{sid}_{fid}"`` (S2EF); a missing ``sid`` or ``fid`` is replaced
+by the entry's index in the dataset. Every system appears exactly once, **in dataset order**:
+unlike OCP V2+, which sorts the ids lexicographically (``np.unique``), nothing is reordered.
+
+Energies and forces are written as float32 by default. ``task.prediction_dtype: float16`` halves
+the files but quantises: float16 keeps 10 mantissa bits, so a value in [2^e, 2^(e+1)) is rounded
+to steps of 2^(e-10): 2^-7 eV (0.0078 eV) for |E| in 8-16 eV and 2^-6 eV (0.0156 eV) for 16-32 eV,
+the steps reported in fairchem#542; values above 65504 cannot be written (a DataError says so).
+Both files hold the same (rounded) values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import numpy as np
+import torch
+
+from catforge.checkpoint import load_checkpoint, load_weights
+from catforge.config import Config
+from catforge.data.graph import AtomicGraph
+from catforge.errors import ConfigError, DataError
+from catforge.models.forces import ForceModel
+from catforge.runs import RunPaths
+from catforge.training.build import (
+    build_dataset,
+    build_loader,
+    build_model,
+    build_transform,
+    energy_field,
+    pick_device,
+    with_forces,
+)
+from catforge.training.normalizer import TargetTransform
+
+Task = Literal["is2re", "s2ef"]
+Dtype = Literal["float32", "float16"]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Predictions of a dataset, in dataset order.
+
+    ``ids`` (n,) str; ``energy`` (n,) float64 eV, denormalised. For S2EF: ``forces``
+    (n_free_total, 3) float64 eV/A of the free atoms, concatenated; ``chunk_idx`` (n - 1,) int64
+    block boundaries for ``np.split(forces, chunk_idx)``; ``system_forces`` the all-atom forces
+    (n_atoms_i, 3) of each system. All three are None without forces (IS2RE).
+    """
+
+    ids: list[str]
+    energy: np.ndarray
+    forces: np.ndarray | None = None
+    chunk_idx: np.ndarray | None = None
+    system_forces: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def free_forces(self) -> list[np.ndarray]:
+        """Each system's free-atom forces (n_free_i, 3)."""
+        if self.forces is None or self.chunk_idx is None:
+            raise ValueError("these predictions have no forces")
+        return np.split(self.forces, self.chunk_idx) if self.ids else []
+
+
+def _graph_ids(batch: AtomicGraph, start: int, with_fid: bool) -> list[str]:
+    """Ids of the structures of ``batch`` whose first dataset index is ``start``."""
+    ids = []
+    for offset in range(batch.n_graphs):
+        index = start + offset
+        sid = index if batch.sid is None else int(batch.sid[offset])
+        if not with_fid:
+            ids.append(str(sid))
+            continue
+        fid = index if batch.fid is None else int(batch.fid[offset])
+        ids.append(f"{sid}_{fid}")
+    return ids
+
+
+def predict(
+    model: ForceModel,
+    batches: Iterable[AtomicGraph],
+    transform: TargetTransform,
+    device: torch.device,
+    *,
+    with_forces: bool,
+) -> Predictions:
+    """Run ``model`` over ``batches`` (not shuffled) and collect denormalised predictions.
+
+    Labels are never read, so unlabelled test sets work. ``with_forces`` (S2EF) needs a model
+    that regresses forces.
+    """
+    parts = _Parts()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():  # forces still come out: ForceModel enables gradients locally
+            for batch in batches:
+                parts.add(model, batch.to(device), transform, with_forces=with_forces)
+    finally:
+        model.train(was_training)
+    return parts.finish(with_forces=with_forces)
+
+
+@dataclass
+class _Parts:
+    """Per-batch results gathered by :func:`predict`."""
+
+    ids: list[str] = field(default_factory=list)
+    energies: list[np.ndarray] = field(default_factory=list)
+    system_forces: list[np.ndarray] = field(default_factory=list)
+    free_masks: list[np.ndarray] = field(default_factory=list)
+
+    def add(
+        self,
+        model: ForceModel,
+        batch: AtomicGraph,
+        transform: TargetTransform,
+        *,
+        with_forces: bool,
+    ) -> None:
+        output = model(batch, training=False)
+        energy, forces = transform.denormalize(output.energy, output.forces, batch)
+        self.ids.extend(_graph_ids(batch, len(self.ids), with_forces))
+        self.energies.append(energy.detach().cpu().double().numpy().reshape(-1))
+        if with_forces:
+            if forces is None:
+                raise ConfigError("S2EF predictions need a model with regress_forces: true")
+            self.system_forces.extend(_per_system(forces, batch))
+            self.free_masks.extend(_per_system(~batch.fixed, batch))
+
+    def finish(self, *, with_forces: bool) -> Predictions:
+        energy = np.concatenate(self.energies) if self.energies else np.zeros(0)
+        if not with_forces:
+            return Predictions(self.ids, energy)
+        free = [f[mask] for f, mask in zip(self.system_forces, self.free_masks, strict=True)]
+        counts = np.array([len(block) for block in free], dtype=np.int64)
+        return Predictions(
+            self.ids,
+            energy,
+            forces=np.concatenate(free) if free else np.zeros((0, 3)),
+            chunk_idx=np.cumsum(counts)[:-1],
+            system_forces=self.system_forces,
+        )
+
+
+def _per_system(values: torch.Tensor, batch: AtomicGraph) -> list[np.ndarray]:
+    """Split an atom-level tensor of ``batch`` into one numpy array per structure."""
+    array = values.detach().cpu().numpy()
+    if array.dtype.kind == "f":
+        array = array.astype(np.float64)
+    return np.split(array, np.cumsum(batch.natoms.cpu().numpy())[:-1])
+
+
+def write_predictions(
+    predictions: Predictions, results_dir: Path, task: Task, dtype: Dtype = "float32"
+) -> list[Path]:
+    """Write ``predictions.json`` and ``{task}_predictions.npz`` atomically; return their paths.
+
+    Raises a DataError when an id occurs twice (every system must appear exactly once).
+    """
+    if dtype not in ("float32", "float16"):
+        raise ConfigError(f"task.prediction_dtype must be float32 or float16, got '{dtype}'")
+    if task == "s2ef" and predictions.forces is None:
+        raise ValueError("S2EF predictions need forces")
+    _check_unique(predictions.ids)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {
+        "ids": np.array(predictions.ids, dtype=str),
+        "energy": predictions.energy.astype(dtype),
+    }
+    if task == "s2ef":
+        assert predictions.forces is not None and predictions.chunk_idx is not None
+        arrays["forces"] = predictions.forces.astype(dtype)
+        arrays["chunk_idx"] = predictions.chunk_idx.astype(np.int64)
+    for name in ("energy", "forces"):
+        if name in arrays and not np.isfinite(arrays[name]).all():
+            raise DataError(f"predicted {name} are not finite as {dtype}; use float32")
+    json_path = results_dir / "predictions.json"
+    npz_path = results_dir / f"{task}_predictions.npz"
+    with _atomic(json_path) as handle:
+        handle.write(json.dumps(_json_records(arrays)).encode())
+    with _atomic(npz_path) as handle:
+        np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
+    return [json_path, npz_path]
+
+
+def _check_unique(ids: list[str]) -> None:
+    seen: set[str] = set()
+    for item in ids:
+        if item in seen:
+            raise DataError(f"prediction id '{item}' occurs twice; sid/fid must be unique")
+        seen.add(item)
+
+
+def _json_records(arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """The tutorial's records, from the arrays written to the npz (same rounded values)."""
+    records: list[dict[str, Any]] = [
+        {"id": str(item), "energy": float(energy)}
+        for item, energy in zip(arrays["ids"], arrays["energy"], strict=True)
+    ]
+    if "forces" in arrays:
+        blocks = np.split(arrays["forces"], arrays["chunk_idx"]) if records else []
+        for record, block in zip(records, blocks, strict=True):
+            record["forces"] = block.astype(np.float64).tolist()
+    return records
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[BinaryIO]:
+    """A binary handle on a temporary sibling of ``path``, renamed into place on success."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        with partial.open("wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def load_model(config: Config, checkpoint: dict[str, Any], source: Path) -> ForceModel:
+    """The model of ``config`` with the checkpoint's weights; CheckpointError on a mismatch."""
+    model = build_model(config)
+    load_weights(model, checkpoint["state_dict"], source)
+    return model
+
+
+def load_transform(config: Config, checkpoint: dict[str, Any]) -> TargetTransform:
+    """The checkpoint's normalisers, or the config's (``build_transform``) when it has none."""
+    if "normalizers" not in checkpoint:
+        return build_transform(config, None)
+    transform = TargetTransform(field=energy_field(config))
+    transform.load_state_dict(checkpoint["normalizers"])
+    return transform
+
+
+def run_predict(config: Config) -> list[Path]:
+    """``--mode predict --checkpoint CKPT``: predict the test set, write and print the files."""
+    options = config.options
+    if options.checkpoint is None:
+        raise ConfigError("--mode predict needs --checkpoint CKPT")
+    checkpoint = load_checkpoint(options.checkpoint)
+    model = load_model(config, checkpoint, options.checkpoint)
+    transform = load_transform(config, checkpoint)
+    test_set = build_dataset(config, config.dataset.split("test"))
+    loader = build_loader(
+        test_set, config.optim.eval_batch_size, shuffle=False,
+        num_workers=config.optim.num_workers, seed=options.seed,
+    )  # fmt: skip
+    device = pick_device(options.cpu)
+    predictions = predict(
+        model.to(device), loader, transform, device, with_forces=with_forces(config)
+    )
+    results_dir = RunPaths.create(
+        options.run_dir,
+        logger=config.logger.name,
+        identifier=options.identifier,
+        timestamp_id=options.timestamp_id,
+    ).results_dir
+    task: Task = "is2re" if config.trainer == "energy" else "s2ef"
+    paths = write_predictions(predictions, results_dir, task, config.task.prediction_dtype)
+    print(f"predictions of {len(predictions)} systems:")
+    for path in paths:
+        print(f"  {path}")
+    return paths

@@ -1,0 +1,138 @@
+"""Exact resume: RNG snapshots, the epoch batch order with an offset, and config diffs."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from catforge.metrics import is_better
+
+log = logging.getLogger(__name__)
+
+# Keys expected to differ between a run and its resumption; never reported.
+_RUN_KEYS = frozenset({"options.checkpoint", "options.mode", "options.timestamp_id"})
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffling seed of ``epoch``: the batch order is a function of (seed, epoch) only."""
+    return seed * 100_003 + epoch
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of one epoch's seeded permutation, starting at a batch offset.
+
+    ``set_epoch(epoch, start)`` fixes the permutation (and thus every batch) before iteration,
+    so a resumed run yields the remaining batches without loading the consumed ones.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self._batches: list[list[int]] = []
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Use epoch ``epoch``'s permutation, skipping its first ``start`` batches."""
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        order = torch.randperm(self.size, generator=generator).tolist()
+        batches = [order[i : i + self.batch_size] for i in range(0, self.size, self.batch_size)]
+        self._batches = batches[start:]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self._batches
+
+    def __len__(self) -> int:
+        """Batches in a full epoch (steps per epoch), whatever the current offset."""
+        return math.ceil(self.size / self.batch_size)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a training step may draw from: torch CPU, CUDA (if present), numpy, random."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: Mapping[str, Any] | None) -> None:
+    """Restore what :func:`rng_state` captured (missing parts are left alone)."""
+    if not state:
+        return
+    if state.get("torch") is not None:
+        torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    if state.get("numpy") is not None:
+        np.random.set_state(state["numpy"])
+    if state.get("python") is not None:
+        random.setstate(state["python"])
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one mapping of dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+_MISSING = "<unset>"
+
+
+def config_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, checkpoint value, current value) for every key whose value differs."""
+    before, after = flatten(old), flatten(new)
+    diffs = []
+    for key in sorted(before.keys() | after.keys()):
+        if key in _RUN_KEYS:
+            continue
+        was, now = before.get(key, _MISSING), after.get(key, _MISSING)
+        if was != now:
+            diffs.append((key, was, now))
+    return diffs
+
+
+def report_config_diff(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> None:
+    """Log each key where the current config differs from the checkpoint's; the new one wins."""
+    if not old:
+        return
+    diffs = config_diff(old, new)
+    for key, was, now in diffs:
+        log.warning("config differs from the checkpoint: %s: %r -> %r", key, was, now)
+    if diffs:
+        log.warning("resuming with %d changed config key(s); the current values win", len(diffs))
+
+
+def stored_best(path: Path, primary: str) -> float | None:
+    """The primary metric recorded in an existing ``best_checkpoint.pt`` (None if unreadable)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # a torn file is no better than none
+        return None
+    value = (state.get("val_metrics") or {}).get(primary) if isinstance(state, dict) else None
+    return None if value is None else float(value)
+
+
+def better_of(primary: str, first: float | None, second: float | None) -> float | None:
+    """The better of two primary-metric values (None counts as no value)."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return second if is_better(primary, second, first) else first
