@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from catforge.data.demo import generate_demo
 from tests.factories import SHARED_DATA
 
 
@@ -15,3 +16,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real sample data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny demo dataset (seed 1), generated once per test process."""
+    out = tmp_path_factory.mktemp("demo") / "demo_data"
+    generate_demo(out, size="tiny", seed=1, workers=1, progress=False)
+    return out

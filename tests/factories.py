@@ -14,6 +14,8 @@ from catforge.data.atoms import atoms_to_graph
 from catforge.data.graph import AtomicGraph
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SMALL_MODEL = ["--model.hidden_channels=16", "--model.num_filters=16", "--model.num_gaussians=20"]
+"""Config overrides that shrink the demo SchNet for fast tests."""
 
 
 def emt_slab(
@@ -66,3 +68,12 @@ def structures(seed: int = 0) -> list[Atoms]:
 def graphs(seed: int = 0) -> list[AtomicGraph]:
     """:func:`structures` as AtomicGraphs with sid = position in the list."""
     return [atoms_to_graph(atoms, sid=index) for index, atoms in enumerate(structures(seed))]
+
+
+def data_overrides(demo: Path, task: str) -> list[str]:
+    """``--dataset.<split>.src=`` overrides pointing a demo config at the demo data in ``demo``."""
+
+    def src(split: str) -> str:
+        return str(demo / task / split / ("data.lmdb" if task == "is2re" else ""))
+
+    return [f"--dataset.{split}.src={src(split)}" for split in ("train", "val", "test")]

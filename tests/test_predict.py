@@ -13,28 +13,20 @@ import torch
 from catforge.checkpoint import save_checkpoint
 from catforge.config import Config, RunOptions, load_config
 from catforge.data.atoms import atoms_to_graph, graph_to_atoms
-from catforge.data.demo import generate_demo
 from catforge.data.lmdb import LmdbDataset, write_lmdb
 from catforge.errors import ConfigError, DataError
 from catforge.models.forces import ForceModel
 from catforge.predict import Predictions, predict, run_predict, write_predictions
 from catforge.training.build import build_loader, build_model
 from catforge.training.normalizer import Normalizer, TargetTransform
+from tests.factories import SMALL_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
     "s2ef": ROOT / "configs" / "demo" / "s2ef_schnet.yml",
     "is2re": ROOT / "configs" / "demo" / "is2re_schnet.yml",
 }
-SMALL_MODEL = ["--model.hidden_channels=16", "--model.num_filters=16", "--model.num_gaussians=20"]
 CPU = torch.device("cpu")
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "demo_data"
-    generate_demo(out, size="tiny", seed=1, workers=1, progress=False)
-    return out
 
 
 def split_src(demo: Path, task: str) -> Path:

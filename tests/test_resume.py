@@ -16,29 +16,14 @@ import torch
 
 from catforge.checkpoint import load_checkpoint, save_checkpoint
 from catforge.config import RunOptions, load_config
-from catforge.data.demo import generate_demo
 from catforge.errors import CheckpointError
 from catforge.modes import run
+from tests.factories import SMALL_MODEL, data_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 S2EF_CONFIG = ROOT / "configs" / "demo" / "s2ef_schnet.yml"
 IS2RE_CONFIG = ROOT / "configs" / "demo" / "is2re_schnet.yml"
-SMALL_MODEL = ["--model.hidden_channels=16", "--model.num_filters=16", "--model.num_gaussians=20"]
 STEPS_PER_EPOCH = 18  # tiny S2EF demo: 18 batches of 16 frames
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("demo") / "demo_data"
-    generate_demo(out, size="tiny", seed=1, workers=1, progress=False)
-    return out
-
-
-def data_overrides(demo: Path, task: str) -> list[str]:
-    def src(split: str) -> str:
-        return str(demo / task / split / ("data.lmdb" if task == "is2re" else ""))
-
-    return [f"--dataset.{split}.src={src(split)}" for split in ("train", "val", "test")]
 
 
 def train(config: Path, overrides: list[str], run_dir: Path, **options: object) -> None:
