@@ -52,7 +52,7 @@ def make_model(config: Config) -> tuple[ForceModel, TargetTransform]:
 def predict_set(
     dataset: LmdbDataset, model: ForceModel, transform: TargetTransform, forces: bool
 ) -> Predictions:
-    loader = build_loader(dataset, 4, shuffle=False, num_workers=0, seed=0)
+    loader = build_loader(dataset, batch_size=4, num_workers=0, seed=0)
     return predict(model, loader, transform, CPU, with_forces=forces)
 
 

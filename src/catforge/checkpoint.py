@@ -10,30 +10,22 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from catforge.atomic import atomic_write
 from catforge.errors import CheckpointError
 
 FORMAT_VERSION = 1
 
 
 def save_checkpoint(state: Mapping[str, Any], path: Path) -> Path:
-    """Write ``state`` to ``path`` atomically: a temporary file, flushed, then renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with partial.open("wb") as handle:
-            torch.save({**state, "format_version": FORMAT_VERSION}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    """Write ``state`` (plus ``format_version``) to ``path`` atomically."""
+    with atomic_write(path) as handle:
+        torch.save({**state, "format_version": FORMAT_VERSION}, handle)
     return path
 
 

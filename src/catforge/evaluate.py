@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
+from torch import Tensor
 
 from catforge.data.graph import AtomicGraph
 from catforge.metrics import MetricTotals, energy_totals, force_totals
@@ -22,7 +23,25 @@ def batch_totals(
 ) -> MetricTotals:
     """Metric totals of one batch: S2EF metrics ``with_forces``, else IS2RE energy metrics."""
     output = model(batch, training=False)
-    energy, forces = transform.denormalize(output.energy, output.forces, batch)
+    return output_totals(
+        output.energy, output.forces, batch, transform,
+        with_forces=with_forces, eval_on_free_atoms=eval_on_free_atoms,
+    )  # fmt: skip
+
+
+def output_totals(
+    energy_norm: Tensor,
+    forces_norm: Tensor | None,
+    batch: AtomicGraph,
+    transform: TargetTransform,
+    *,
+    with_forces: bool,
+    eval_on_free_atoms: bool = True,
+) -> MetricTotals:
+    """Metric totals of normalised model outputs (n_graphs,), (n_atoms, 3) against ``batch``."""
+    if forces_norm is not None:
+        forces_norm = forces_norm.detach().float()
+    energy, forces = transform.denormalize(energy_norm.detach().float(), forces_norm, batch)
     target_energy = getattr(batch, transform.field)
     if not with_forces:
         return energy_totals(energy, target_energy)

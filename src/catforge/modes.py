@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from catforge.atomic import atomic_write
 from catforge.checkpoint import load_checkpoint, load_weights
 from catforge.config import Config
 from catforge.errors import CheckpointError, ConfigError
@@ -19,7 +19,7 @@ from catforge.predict import load_model, load_transform, run_predict
 from catforge.runs import RunPaths
 from catforge.training.build import (
     build_dataset,
-    build_loader,
+    build_eval_loader,
     build_model,
     pick_device,
     with_forces,
@@ -45,16 +45,6 @@ def run(config: Config) -> dict[str, float]:
     raise ConfigError(
         f"--mode {mode} is not available in this version of catforge; "
         "use train, validate or predict"
-    )
-
-
-def _paths(config: Config) -> RunPaths:
-    options = config.options
-    return RunPaths.create(
-        options.run_dir,
-        logger=config.logger.name,
-        identifier=options.identifier,
-        timestamp_id=options.timestamp_id,
     )
 
 
@@ -117,12 +107,7 @@ def _train_paths(config: Config, resume: dict[str, Any] | None) -> RunPaths:
     timestamp_id = options.timestamp_id
     if timestamp_id is None and resume is not None:
         timestamp_id = resume.get("run_id") or Path(str(options.checkpoint)).resolve().parent.name
-    return RunPaths.create(
-        options.run_dir,
-        logger=config.logger.name,
-        identifier=options.identifier,
-        timestamp_id=timestamp_id,
-    )
+    return RunPaths.for_config(config, timestamp_id)
 
 
 def validate(config: Config) -> dict[str, float]:
@@ -133,11 +118,7 @@ def validate(config: Config) -> dict[str, float]:
     model = load_model(config, checkpoint, config.options.checkpoint)
     transform = load_transform(config, checkpoint)
     val_set = build_dataset(config, config.dataset.split("val"))
-    optim = config.optim
-    loader = build_loader(
-        val_set, optim.eval_batch_size or optim.batch_size, shuffle=False,
-        num_workers=optim.num_workers, seed=config.options.seed,
-    )  # fmt: skip
+    loader = build_eval_loader(config, val_set)
     device = pick_device(config.options.cpu)
     totals = evaluate(
         model.to(device), loader, transform, device, with_forces=with_forces(config),
@@ -146,7 +127,7 @@ def validate(config: Config) -> dict[str, float]:
     metrics = totals.compute()
     print(format_metrics_table(metrics))
     if not config.options.debug:
-        results = _paths(config).results_dir
+        results = RunPaths.for_config(config).results_dir
         results.mkdir(parents=True, exist_ok=True)
         path = results / "metrics_val.json"
         _write_json_atomic(path, metrics)
@@ -155,6 +136,5 @@ def validate(config: Config) -> dict[str, float]:
 
 
 def _write_json_atomic(path: Path, data: dict[str, float]) -> None:
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
+    with atomic_write(path) as handle:
+        handle.write((json.dumps(data, indent=2) + "\n").encode())

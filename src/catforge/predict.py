@@ -23,16 +23,15 @@ Both files hold the same (rounded) values.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from catforge.atomic import atomic_write
 from catforge.checkpoint import load_checkpoint, load_weights
 from catforge.config import Config
 from catforge.data.graph import AtomicGraph
@@ -41,7 +40,7 @@ from catforge.models.forces import ForceModel
 from catforge.runs import RunPaths
 from catforge.training.build import (
     build_dataset,
-    build_loader,
+    build_eval_loader,
     build_model,
     build_transform,
     energy_field,
@@ -195,9 +194,9 @@ def write_predictions(
             raise DataError(f"predicted {name} are not finite as {dtype}; use float32")
     json_path = results_dir / "predictions.json"
     npz_path = results_dir / f"{task}_predictions.npz"
-    with _atomic(json_path) as handle:
+    with atomic_write(json_path) as handle:
         handle.write(json.dumps(_json_records(arrays)).encode())
-    with _atomic(npz_path) as handle:
+    with atomic_write(npz_path) as handle:
         np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
     return [json_path, npz_path]
 
@@ -221,20 +220,6 @@ def _json_records(arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
         for record, block in zip(records, blocks, strict=True):
             record["forces"] = block.astype(np.float64).tolist()
     return records
-
-
-@contextmanager
-def _atomic(path: Path) -> Iterator[BinaryIO]:
-    """A binary handle on a temporary sibling of ``path``, renamed into place on success."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with partial.open("wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def load_model(config: Config, checkpoint: dict[str, Any], source: Path) -> ForceModel:
@@ -262,20 +247,12 @@ def run_predict(config: Config) -> list[Path]:
     model = load_model(config, checkpoint, options.checkpoint)
     transform = load_transform(config, checkpoint)
     test_set = build_dataset(config, config.dataset.split("test"))
-    loader = build_loader(
-        test_set, config.optim.eval_batch_size, shuffle=False,
-        num_workers=config.optim.num_workers, seed=options.seed,
-    )  # fmt: skip
+    loader = build_eval_loader(config, test_set)
     device = pick_device(options.cpu)
     predictions = predict(
         model.to(device), loader, transform, device, with_forces=with_forces(config)
     )
-    results_dir = RunPaths.create(
-        options.run_dir,
-        logger=config.logger.name,
-        identifier=options.identifier,
-        timestamp_id=options.timestamp_id,
-    ).results_dir
+    results_dir = RunPaths.for_config(config).results_dir
     task: Task = "is2re" if config.trainer == "energy" else "s2ef"
     paths = write_predictions(predictions, results_dir, task, config.task.prediction_dtype)
     print(f"predictions of {len(predictions)} systems:")

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from catforge.config import Config
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,17 @@ class RunPaths:
             checkpoint_dir=run_dir / "checkpoints" / timestamp_id,
             results_dir=run_dir / "results" / timestamp_id,
             logs_dir=run_dir / "logs" / logger / timestamp_id,
+        )
+
+    @classmethod
+    def for_config(cls, config: Config, timestamp_id: str | None = None) -> RunPaths:
+        """The folders of ``config``'s run: ``timestamp_id``, else ``--timestamp-id``, else new."""
+        options = config.options
+        return cls.create(
+            options.run_dir,
+            logger=config.logger.name,
+            identifier=options.identifier,
+            timestamp_id=timestamp_id or options.timestamp_id,
         )
 
     def make(self) -> RunPaths:

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from catforge.config import Config, DatasetConfig
 from catforge.config.build import model_factory
@@ -43,24 +43,36 @@ def build_dataset(config: Config, entry: DatasetConfig) -> Dataset[AtomicGraph]:
 
 def build_loader(
     dataset: Dataset[AtomicGraph],
-    batch_size: int,
     *,
-    shuffle: bool,
     num_workers: int,
     seed: int,
+    batch_size: int = 1,
+    batch_sampler: Sampler[list[int]] | None = None,
 ) -> DataLoader[AtomicGraph]:
-    """A DataLoader collating AtomicGraphs; shuffling draws from a generator seeded by ``seed``."""
-    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    """A DataLoader collating AtomicGraphs, in dataset order or as ``batch_sampler`` says.
+
+    Its own generator seeded by ``seed`` seeds the workers, so loading never draws from the
+    global RNG (which exact resume restores).
+    """
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        batch_size=batch_size if batch_sampler is None else 1,
+        batch_sampler=batch_sampler,
         num_workers=num_workers,
         collate_fn=collate,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )
+
+
+def build_eval_loader(config: Config, dataset: Dataset[AtomicGraph]) -> DataLoader[AtomicGraph]:
+    """The loader for validation and prediction: ``optim.eval_batch_size``, dataset order."""
+    optim = config.optim
+    return build_loader(
+        dataset, num_workers=optim.num_workers, seed=config.options.seed,
+        batch_size=optim.eval_batch_size,
+    )  # fmt: skip
 
 
 def build_model(config: Config) -> ForceModel:

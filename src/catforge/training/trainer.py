@@ -12,17 +12,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader
 
 from catforge.checkpoint import save_checkpoint
 from catforge.config import Config
-from catforge.data.collate import collate
 from catforge.data.graph import AtomicGraph
-from catforge.evaluate import evaluate
+from catforge.evaluate import evaluate, output_totals
 from catforge.metrics import (
     MetricTotals,
-    energy_totals,
-    force_totals,
     format_metrics_table,
     is_better,
     metric_direction,
@@ -31,7 +27,13 @@ from catforge.metrics import (
 from catforge.models.forces import ForceModel
 from catforge.progress import progress_enabled
 from catforge.runs import RunPaths
-from catforge.training.build import build_loader, build_transform, energy_field, with_forces
+from catforge.training.build import (
+    build_eval_loader,
+    build_loader,
+    build_transform,
+    energy_field,
+    with_forces,
+)
 from catforge.training.loggers import RunLogger
 from catforge.training.losses import LossResult, energy_loss, s2ef_loss
 from catforge.training.normalizer import TargetTransform
@@ -89,17 +91,10 @@ class Trainer:
         self.transform = self._build_transform(train_set, resume)
         seed = config.options.seed
         self.batch_sampler = EpochBatchSampler(len(train_set), optim.batch_size, seed)
-        self.train_loader: DataLoader[AtomicGraph] = DataLoader(
-            train_set, batch_sampler=self.batch_sampler, num_workers=optim.num_workers,
-            collate_fn=collate, generator=torch.Generator().manual_seed(seed),
-            persistent_workers=optim.num_workers > 0, pin_memory=torch.cuda.is_available(),
-        )  # fmt: skip
-        self.val_loader: DataLoader[AtomicGraph] | None = None
-        if val_set is not None:
-            self.val_loader = build_loader(
-                val_set, optim.eval_batch_size or optim.batch_size, shuffle=False,
-                num_workers=optim.num_workers, seed=seed,
-            )  # fmt: skip
+        self.train_loader = build_loader(
+            train_set, num_workers=optim.num_workers, seed=seed, batch_sampler=self.batch_sampler
+        )
+        self.val_loader = None if val_set is None else build_eval_loader(config, val_set)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = optim.max_steps or (optim.max_epochs or 1) * self.steps_per_epoch
         self.eval_every = optim.eval_every or self.steps_per_epoch
@@ -232,7 +227,11 @@ class Trainer:
             self.ema.update()
         self.schedule.step_batch()
         with torch.no_grad():
-            totals = self._batch_metrics(output.energy.detach(), output.forces, batch)
+            totals = output_totals(
+                output.energy, output.forces, batch, self.transform,
+                with_forces=with_forces(self.config),
+                eval_on_free_atoms=self.config.task.eval_on_free_atoms,
+            )  # fmt: skip
         return result, float(grad_norm), totals
 
     def _loss(
@@ -251,20 +250,6 @@ class Trainer:
             loss_force=optim.loss_force, energy_coefficient=optim.energy_coefficient,
             force_coefficient=optim.force_coefficient,
             train_on_free_atoms=self.config.task.train_on_free_atoms,
-        )  # fmt: skip
-
-    def _batch_metrics(
-        self, energy: torch.Tensor, forces: torch.Tensor | None, batch: AtomicGraph
-    ) -> MetricTotals:
-        forces = None if forces is None else forces.detach()
-        energy_ev, forces_ev = self.transform.denormalize(energy.float(), forces, batch)
-        target = getattr(batch, self.transform.field)
-        if not with_forces(self.config) or forces_ev is None or batch.force is None:
-            return energy_totals(energy_ev, target)
-        free = ~batch.fixed if self.config.task.eval_on_free_atoms else None
-        return force_totals(
-            forces_ev.float(), batch.force, batch.batch, batch.n_graphs, free,
-            pred_energy=energy_ev, target_energy=target,
         )  # fmt: skip
 
     # --- evaluation, logging, checkpoints -------------------------------------------------------
