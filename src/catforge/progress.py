@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
@@ -13,9 +14,7 @@ T = TypeVar("T")
 
 def progress_enabled(requested: bool = True) -> bool:
     """Show bars only when asked, on rank 0, and when stderr is a terminal."""
-    from os import environ
-
-    is_main = environ.get("RANK", "0") == "0"
+    is_main = os.environ.get("RANK", "0") == "0"
     return requested and is_main and sys.stderr.isatty()
 
 
