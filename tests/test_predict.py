@@ -16,9 +16,10 @@ from catforge.data.atoms import atoms_to_graph, graph_to_atoms
 from catforge.data.lmdb import LmdbDataset, write_lmdb
 from catforge.errors import ConfigError, DataError
 from catforge.models.forces import ForceModel
+from catforge.potential import Potential, build_model
 from catforge.predict import Predictions, predict, run_predict, write_predictions
-from catforge.training.build import build_loader, build_model
-from catforge.training.normalizer import Normalizer, TargetTransform
+from catforge.targets import Normalizer, TargetTransform
+from catforge.training.build import build_loader
 from tests.factories import SMALL_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def predict_set(
     dataset: LmdbDataset, model: ForceModel, transform: TargetTransform, forces: bool
 ) -> Predictions:
     loader = build_loader(dataset, batch_size=4, num_workers=0, seed=0)
-    return predict(model, loader, transform, CPU, with_forces=forces)
+    return predict(Potential(model, transform, CPU), loader, with_forces=forces)
 
 
 @dataclass(frozen=True)

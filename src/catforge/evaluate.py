@@ -10,7 +10,7 @@ from torch import Tensor
 from catforge.data.graph import AtomicGraph
 from catforge.metrics import MetricTotals, energy_totals, force_totals
 from catforge.models.forces import ForceModel
-from catforge.training.normalizer import TargetTransform
+from catforge.targets import TargetTransform
 
 
 def batch_totals(

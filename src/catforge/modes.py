@@ -15,15 +15,10 @@ from catforge.config import Config
 from catforge.errors import CheckpointError, ConfigError
 from catforge.evaluate import evaluate
 from catforge.metrics import format_metrics_table
-from catforge.predict import load_model, load_transform, run_predict
+from catforge.potential import build_model, load_model, load_transform, pick_device, with_forces
+from catforge.predict import run_predict
 from catforge.runs import RunPaths
-from catforge.training.build import (
-    build_dataset,
-    build_eval_loader,
-    build_model,
-    pick_device,
-    with_forces,
-)
+from catforge.training.build import build_dataset, build_eval_loader
 from catforge.training.loggers import RunLogger
 from catforge.training.resume import report_config_diff
 from catforge.training.trainer import Trainer

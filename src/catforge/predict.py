@@ -32,22 +32,12 @@ import numpy as np
 import torch
 
 from catforge.atomic import atomic_write
-from catforge.checkpoint import load_checkpoint, load_weights
 from catforge.config import Config
 from catforge.data.graph import AtomicGraph
 from catforge.errors import ConfigError, DataError
-from catforge.models.forces import ForceModel
+from catforge.potential import Potential, pick_device, with_forces
 from catforge.runs import RunPaths
-from catforge.training.build import (
-    build_dataset,
-    build_eval_loader,
-    build_model,
-    build_transform,
-    energy_field,
-    pick_device,
-    with_forces,
-)
-from catforge.training.normalizer import TargetTransform
+from catforge.training.build import build_dataset, build_eval_loader
 
 Task = Literal["is2re", "s2ef"]
 Dtype = Literal["float32", "float16"]
@@ -94,27 +84,16 @@ def _graph_ids(batch: AtomicGraph, start: int, with_fid: bool) -> list[str]:
 
 
 def predict(
-    model: ForceModel,
-    batches: Iterable[AtomicGraph],
-    transform: TargetTransform,
-    device: torch.device,
-    *,
-    with_forces: bool,
+    potential: Potential, batches: Iterable[AtomicGraph], *, with_forces: bool
 ) -> Predictions:
-    """Run ``model`` over ``batches`` (not shuffled) and collect denormalised predictions.
+    """Run ``potential`` over ``batches`` (not shuffled) and collect its predictions.
 
     Labels are never read, so unlabelled test sets work. ``with_forces`` (S2EF) needs a model
     that regresses forces.
     """
     parts = _Parts()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():  # forces still come out: ForceModel enables gradients locally
-            for batch in batches:
-                parts.add(model, batch.to(device), transform, with_forces=with_forces)
-    finally:
-        model.train(was_training)
+    for batch in batches:
+        parts.add(potential, batch, with_forces=with_forces)
     return parts.finish(with_forces=with_forces)
 
 
@@ -127,16 +106,9 @@ class _Parts:
     system_forces: list[np.ndarray] = field(default_factory=list)
     free_masks: list[np.ndarray] = field(default_factory=list)
 
-    def add(
-        self,
-        model: ForceModel,
-        batch: AtomicGraph,
-        transform: TargetTransform,
-        *,
-        with_forces: bool,
-    ) -> None:
-        output = model(batch, training=False)
-        energy, forces = transform.denormalize(output.energy, output.forces, batch)
+    def add(self, potential: Potential, batch: AtomicGraph, *, with_forces: bool) -> None:
+        output = potential(batch)
+        energy, forces = output.energy, output.forces
         self.ids.extend(_graph_ids(batch, len(self.ids), with_forces))
         self.energies.append(energy.detach().cpu().double().numpy().reshape(-1))
         if with_forces:
@@ -222,36 +194,17 @@ def _json_records(arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return records
 
 
-def load_model(config: Config, checkpoint: dict[str, Any], source: Path) -> ForceModel:
-    """The model of ``config`` with the checkpoint's weights; CheckpointError on a mismatch."""
-    model = build_model(config)
-    load_weights(model, checkpoint["state_dict"], source)
-    return model
-
-
-def load_transform(config: Config, checkpoint: dict[str, Any]) -> TargetTransform:
-    """The checkpoint's normalisers, or the config's (``build_transform``) when it has none."""
-    if "normalizers" not in checkpoint:
-        return build_transform(config, None)
-    transform = TargetTransform(field=energy_field(config))
-    transform.load_state_dict(checkpoint["normalizers"])
-    return transform
-
-
 def run_predict(config: Config) -> list[Path]:
     """``--mode predict --checkpoint CKPT``: predict the test set, write and print the files."""
     options = config.options
     if options.checkpoint is None:
         raise ConfigError("--mode predict needs --checkpoint CKPT")
-    checkpoint = load_checkpoint(options.checkpoint)
-    model = load_model(config, checkpoint, options.checkpoint)
-    transform = load_transform(config, checkpoint)
+    potential = Potential.from_checkpoint(
+        options.checkpoint, config=config, device=pick_device(options.cpu)
+    )
     test_set = build_dataset(config, config.dataset.split("test"))
     loader = build_eval_loader(config, test_set)
-    device = pick_device(options.cpu)
-    predictions = predict(
-        model.to(device), loader, transform, device, with_forces=with_forces(config)
-    )
+    predictions = predict(potential, loader, with_forces=with_forces(config))
     results_dir = RunPaths.for_config(config).results_dir
     task: Task = "is2re" if config.trainer == "energy" else "s2ef"
     paths = write_predictions(predictions, results_dir, task, config.task.prediction_dtype)

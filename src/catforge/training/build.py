@@ -9,30 +9,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from catforge.config import Config, DatasetConfig
-from catforge.config.build import model_factory
 from catforge.data.collate import collate
 from catforge.data.graph import AtomicGraph
 from catforge.errors import ConfigError
-from catforge.models.forces import ForceModel
+from catforge.potential import config_transform, energy_field, with_forces
 from catforge.registry import dataset_factories, lookup
-from catforge.training.normalizer import (
-    ElementReferences,
-    Normalizer,
-    TargetTransform,
-    fit_statistics,
-)
+from catforge.targets import ElementReferences, Normalizer, TargetTransform
+from catforge.training.label_stats import fit_statistics
 
 log = logging.getLogger(__name__)
-
-
-def energy_field(config: Config) -> str:
-    """The energy label: ``y_relaxed`` for the IS2RE ``energy`` trainer, ``y`` for S2EF."""
-    return "y_relaxed" if config.trainer == "energy" else "y"
-
-
-def with_forces(config: Config) -> bool:
-    """Whether the run trains and evaluates forces (the ``forces`` trainer)."""
-    return config.trainer == "forces"
 
 
 def build_dataset(config: Config, entry: DatasetConfig) -> Dataset[AtomicGraph]:
@@ -75,16 +60,6 @@ def build_eval_loader(config: Config, dataset: Dataset[AtomicGraph]) -> DataLoad
     )  # fmt: skip
 
 
-def build_model(config: Config) -> ForceModel:
-    """The model named by ``model.name`` with its attributes (forces for the forces trainer)."""
-    model = model_factory(config.model.name)(**config.model.attributes)
-    if not isinstance(model, ForceModel):
-        raise ConfigError(f"model '{config.model.name}' did not build a ForceModel")
-    if with_forces(config) and not model.regress_forces:
-        raise ConfigError("trainer 'forces' needs model.regress_forces: true")
-    return model
-
-
 def build_transform(config: Config, train: Dataset[AtomicGraph] | None) -> TargetTransform:
     """Label normalisers and element references from the config, fitted on ``train`` if missing."""
     field = energy_field(config)
@@ -113,21 +88,10 @@ def build_transform(config: Config, train: Dataset[AtomicGraph] | None) -> Targe
         references = stats.element_references
         target = Normalizer(stats.target_mean, stats.target_std) if normalize else Normalizer()
         return TargetTransform(target, None, references, field)
-    if not normalize or entry is None:
-        return TargetTransform(None, None, references, field)
-    target = Normalizer(entry.target_mean or 0.0, entry.target_std or 1.0)
-    grad = None
-    if entry.grad_target_std is not None:
-        grad = Normalizer(entry.grad_target_mean or 0.0, entry.grad_target_std)
-    return TargetTransform(target, grad, references, field)
+    return config_transform(config)
 
 
 def _element_references(setting: str | Path | None) -> ElementReferences | None:
     if setting is None or setting == "fit":
         return None
     return ElementReferences.from_file(setting)
-
-
-def pick_device(cpu: bool) -> torch.device:
-    """CUDA when available and not ``--cpu``, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")

@@ -25,18 +25,13 @@ from catforge.metrics import (
     primary_metric,
 )
 from catforge.models.forces import ForceModel
+from catforge.potential import energy_field, with_forces
 from catforge.progress import progress_enabled
 from catforge.runs import RunPaths
-from catforge.training.build import (
-    build_eval_loader,
-    build_loader,
-    build_transform,
-    energy_field,
-    with_forces,
-)
+from catforge.targets import TargetTransform
+from catforge.training.build import build_eval_loader, build_loader, build_transform
 from catforge.training.loggers import RunLogger
 from catforge.training.losses import LossResult, energy_loss, s2ef_loss
-from catforge.training.normalizer import TargetTransform
 from catforge.training.optim import (
     ExponentialMovingAverage,
     LRSchedule,

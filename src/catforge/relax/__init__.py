@@ -1,0 +1,1 @@
+"""Batched ML relaxations (IS2RS)."""
