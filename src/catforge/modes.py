@@ -14,12 +14,13 @@ from catforge.checkpoint import load_checkpoint, load_weights
 from catforge.config import Config
 from catforge.errors import CheckpointError, ConfigError
 from catforge.evaluate import evaluate
+from catforge.loggers import RunLogger
 from catforge.metrics import format_metrics_table
 from catforge.potential import build_model, load_model, load_transform, pick_device, with_forces
 from catforge.predict import run_predict
+from catforge.relax.run import run_relaxations
 from catforge.runs import RunPaths
 from catforge.training.build import build_dataset, build_eval_loader
-from catforge.training.loggers import RunLogger
 from catforge.training.resume import report_config_diff
 from catforge.training.trainer import Trainer
 
@@ -37,10 +38,9 @@ def run(config: Config) -> dict[str, float]:
     if mode == "predict":
         run_predict(config)
         return {}
-    raise ConfigError(
-        f"--mode {mode} is not available in this version of catforge; "
-        "use train, validate or predict"
-    )
+    if mode == "run-relaxations":
+        return run_relaxations(config)
+    raise ConfigError(f"unknown --mode {mode}; use train, validate, predict or run-relaxations")
 
 
 def train(config: Config) -> dict[str, float]:

@@ -183,7 +183,7 @@ class BatchedLBFGS:
         scale = torch.where(longest >= cfg.maxstep, cfg.maxstep / longest, 1.0)
         dr = torch.where(free, p * scale[batch, None] * cfg.damping, 0.0)
 
-        self._pos0 = pos
+        self._pos0 = pos.clone()  # the caller may edit its tensor in place
         self._f0 = forces
         self._iterations = self._iterations + 1
         return pos + dr

@@ -17,6 +17,7 @@ from catforge.checkpoint import save_checkpoint
 from catforge.config import Config
 from catforge.data.graph import AtomicGraph
 from catforge.evaluate import evaluate, output_totals
+from catforge.loggers import RunLogger
 from catforge.metrics import (
     MetricTotals,
     format_metrics_table,
@@ -30,7 +31,6 @@ from catforge.progress import progress_enabled
 from catforge.runs import RunPaths
 from catforge.targets import TargetTransform
 from catforge.training.build import build_eval_loader, build_loader, build_transform
-from catforge.training.loggers import RunLogger
 from catforge.training.losses import LossResult, energy_loss, s2ef_loss
 from catforge.training.optim import (
     ExponentialMovingAverage,

@@ -1,0 +1,157 @@
+"""``--mode run-relaxations``: relax ``task.relax_dataset`` with a checkpoint's model.
+
+Structures whose trajectory in ``task.relax_opt.traj_dir`` is already complete (same checkpoint,
+same settings) are not relaxed again: their results are read back, so an interrupted run resumes
+where it stopped. Results go to ``results/<timestamp_id>/`` (see :mod:`catforge.relax.results`),
+metrics also to TensorBoard and ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from catforge.config import Config
+from catforge.data.graph import AtomicGraph
+from catforge.errors import ConfigError
+from catforge.loggers import RunLogger
+from catforge.metrics import format_metrics_table
+from catforge.potential import Potential, pick_device
+from catforge.progress import progress
+from catforge.registry import dataset_factories, lookup
+from catforge.relax.driver import RelaxResult, RelaxSettings, relax
+from catforge.relax.lbfgs import LBFGSSettings
+from catforge.relax.results import (
+    convergence_summary,
+    relaxation_metrics,
+    system_id,
+    write_metrics,
+    write_relaxation_files,
+)
+from catforge.relax.trajectory import TrajectoryWriter
+from catforge.runs import RunPaths
+
+log = logging.getLogger(__name__)
+
+
+def relax_settings(config: Config) -> RelaxSettings:
+    """The driver settings of ``task`` (steps, fmax, relax_opt) and ``optim.eval_batch_size``."""
+    task, opt = config.task, config.task.relax_opt
+    try:
+        return RelaxSettings(
+            steps=task.relaxation_steps,
+            fmax=task.relaxation_fmax,
+            batch_size=config.optim.eval_batch_size,
+            lbfgs=LBFGSSettings(opt.maxstep, opt.memory, opt.damping, opt.alpha),
+        )
+    except ValueError as error:
+        raise ConfigError(f"task.relax_opt / task.relaxation_*: {error}") from error
+
+
+def run_relaxations(config: Config) -> dict[str, float]:
+    """Relax, write the results and, when the set has labels, the metrics; return them."""
+    options, task = config.options, config.task
+    if options.checkpoint is None:
+        raise ConfigError("--mode run-relaxations needs --checkpoint CKPT (a forces model)")
+    if task.relax_dataset is None:
+        raise ConfigError("run-relaxations needs task.relax_dataset: {src: ...}")
+    settings = relax_settings(config)
+    potential = Potential.from_checkpoint(
+        options.checkpoint, config=config, device=pick_device(options.cpu)
+    )
+    if not potential.regress_forces:
+        raise ConfigError(
+            f"{options.checkpoint}: its model predicts no forces; relaxations need them"
+        )
+    factory = lookup(dataset_factories(), task.dataset, "dataset (task.dataset)")
+    dataset: Dataset[AtomicGraph] = factory(task.relax_dataset.src)  # type: ignore[assignment]
+    count = len(dataset)  # type: ignore[arg-type]
+    if task.num_relaxation_batches is not None:
+        count = min(count, task.num_relaxation_batches * settings.batch_size)
+    writer = None
+    if task.relax_opt.traj_dir is not None:
+        tag = relax_tag(Path(options.checkpoint), settings)
+        writer = TrajectoryWriter(task.relax_opt.traj_dir, full=task.save_full_traj, relax_tag=tag)
+    results = _relax_all(potential, dataset, count, settings, writer)
+    return _report(config, results)
+
+
+def relax_tag(checkpoint: Path, settings: RelaxSettings) -> str:
+    """A short hash of the checkpoint's bytes and the relaxation settings."""
+    digest = hashlib.sha256()
+    with checkpoint.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    digest.update(repr(settings).encode())
+    return digest.hexdigest()[:16]
+
+
+def _relax_all(
+    potential: Potential,
+    dataset: Dataset[AtomicGraph],
+    count: int,
+    settings: RelaxSettings,
+    writer: TrajectoryWriter | None,
+) -> list[RelaxResult]:
+    """Results of the first ``count`` structures, in dataset order."""
+    results: dict[int, RelaxResult] = {}
+    pending: list[int] = []
+    for index in range(count):
+        graph = dataset[index]
+        name = system_id(graph, index)
+        frame = None if writer is None else writer.completed(name)
+        if frame is None:
+            pending.append(index)
+        else:
+            frame = dataclasses.replace(frame, index=index)
+            results[index] = RelaxResult(index, graph, frame, frame.fmax < settings.fmax)
+    if results:
+        log.info("%d of %d structures already relaxed (trajectories found)", len(results), count)
+
+    def structures() -> Iterator[AtomicGraph]:
+        for position, index in enumerate(pending):
+            graph = dataset[index]
+            if writer is not None:
+                writer.register(position, system_id(graph, index), graph)
+            yield graph
+
+    relaxations = relax(potential, structures(), settings, observer=writer)
+    try:
+        for result in progress(relaxations, total=len(pending), desc="relaxing"):
+            if writer is not None:
+                writer.finish(result)
+            index = pending[result.index]
+            results[index] = dataclasses.replace(
+                result, index=index, final=dataclasses.replace(result.final, index=index)
+            )
+    finally:
+        if writer is not None:
+            writer.close()
+    return [results[index] for index in range(count)]
+
+
+def _report(config: Config, results: Sequence[RelaxResult]) -> dict[str, float]:
+    paths = RunPaths.for_config(config)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    files = write_relaxation_files(
+        results, paths.results_dir, rank=rank, write_pos=config.task.write_pos
+    )
+    totals = relaxation_metrics(results)
+    metrics = {} if totals is None else totals.compute()
+    metrics |= convergence_summary(results)
+    print(f"relaxed {len(results)} systems")
+    print(format_metrics_table(metrics))
+    if totals is not None:
+        files.append(write_metrics(metrics, paths.results_dir / "metrics_relax.json"))
+    if not config.options.debug:
+        with RunLogger(paths.logs_dir, paths.results_dir / "metrics.jsonl") as logger:
+            logger.log(metrics, step=0, split="relax", epoch=0.0)
+    for path in files:
+        print(f"  {path}")
+    return metrics
