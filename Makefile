@@ -13,9 +13,11 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
-# The demo: build the EMT dataset if missing, train S2EF SchNet on it, validate the checkpoint and
-# predict the test split (predictions.json and s2ef_predictions.npz in results/<run>/).
+# The demo: build the EMT dataset if missing, train S2EF SchNet on it, validate the checkpoint,
+# predict the test split (predictions.json and s2ef_predictions.npz in results/<run>/) and relax
+# the IS2RE validation structures with the trained model (ADwT and relaxed-energy MAE printed).
 DEMO_CONFIG := configs/demo/s2ef_schnet.yml
+RELAX_CONFIG := configs/demo/is2rs_schnet.yml
 demo: $(BIN)/.installed
 	test -f demo_data/stats.yml || $(BIN)/catforge data demo --out demo_data
 	run=$$(date +%Y-%m-%d-%H-%M-%S)-demo && \
@@ -23,6 +25,8 @@ demo: $(BIN)/.installed
 	$(BIN)/python main.py --mode validate --config-yml $(DEMO_CONFIG) \
 		--checkpoint checkpoints/$$run/checkpoint.pt --timestamp-id $$run && \
 	$(BIN)/python main.py --mode predict --config-yml $(DEMO_CONFIG) \
+		--checkpoint checkpoints/$$run/checkpoint.pt --timestamp-id $$run && \
+	$(BIN)/python main.py --mode run-relaxations --config-yml $(RELAX_CONFIG) \
 		--checkpoint checkpoints/$$run/checkpoint.pt --timestamp-id $$run
 
 test: $(BIN)/.installed
@@ -39,6 +43,7 @@ format: $(BIN)/.installed
 benchmarks: $(BIN)/.installed
 	$(BIN)/python benchmarks/neighbors.py
 	$(BIN)/python benchmarks/lmdb_read.py
+	$(BIN)/python benchmarks/relax.py
 
 clean:
-	rm -rf $(VENV) demo_data build src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) demo_data trajectories build src/*.egg-info .pytest_cache .ruff_cache .mypy_cache

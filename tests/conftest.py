@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from catforge.data.demo import generate_demo
 from tests.factories import SHARED_DATA
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n N` runs N workers: one torch thread each keeps them from fighting for the cores.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

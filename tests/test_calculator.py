@@ -3,6 +3,7 @@ ASE optimisers and MD, caching, energy-only models and bad input."""
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,7 @@ def test_lbfgs_lowers_the_energy_and_keeps_fixed_atoms(
     assert fixed.any()
     start_positions = slab.get_positions()
     start_energy = slab.get_potential_energy()
-    LBFGS(slab, logfile=None).run(fmax=0.01, steps=5)
+    LBFGS(slab, logfile=os.devnull).run(fmax=0.01, steps=5)
     assert slab.get_potential_energy() < start_energy
     np.testing.assert_array_equal(slab.positions[fixed], start_positions[fixed])
     assert not np.allclose(slab.positions[~fixed], start_positions[~fixed])
@@ -191,7 +192,7 @@ def test_velocity_verlet_conserves_energy(s2ef_checkpoint: Written, slab: Atoms)
     for _ in range(5):
         dynamics.run(1)
         totals.append(slab.get_potential_energy() + slab.get_kinetic_energy())
-    assert np.ptp(totals) < 5e-3  # eV, for a ~0.4 eV kinetic energy
+    assert np.ptp(totals) < 5e-3  # eV (measured ~6e-4, float32), kinetic energy ~0.2 eV
     assert not np.allclose(slab.positions, start_positions)
 
 

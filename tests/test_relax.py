@@ -190,3 +190,20 @@ def test_emt_reproduces_the_demo_relaxations(demo: Path) -> None:
     metrics = totals.compute()
     assert metrics["average_distance_within_threshold"] > 0.95
     assert all(result.converged for result in results)
+
+
+def test_trained_model_steps_equal_ase_lbfgs_through_the_calculator() -> None:
+    from catforge.calculator import CatforgeCalculator
+
+    potential, graph = small_potential(seed=3), slabs()[1]
+    recorder = Recorder()
+    run(potential, [graph], RelaxSettings(20, 0.0, 1, OCP_LBFGS), recorder)
+    atoms = graph_to_atoms(graph)
+    atoms.calc = CatforgeCalculator(potential=potential)
+    optimizer = LBFGS(atoms, logfile=None, maxstep=0.04, memory=50, damping=1.0, alpha=70.0)
+    ase_positions = [atoms.positions.copy() for _ in optimizer.irun(fmax=0.0, steps=20)]
+    ours = [frame.positions for frame in recorder.frames[0]]
+    assert len(ours) == len(ase_positions) == 21
+    for step, (mine, theirs) in enumerate(zip(ours, ase_positions, strict=True)):
+        np.testing.assert_allclose(mine, theirs, atol=1e-6, err_msg=f"step {step}")
+    assert not np.allclose(ours[-1], ours[0])

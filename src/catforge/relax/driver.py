@@ -148,7 +148,7 @@ class _InFlight:
 
     def refill(self, queue: Iterator[tuple[int, AtomicGraph]]) -> bool:
         """Take structures from ``queue`` up to ``batch_size``; False when nothing is left."""
-        new = []
+        new: list[tuple[int, AtomicGraph]] = []
         while self.n_systems + len(new) < self.settings.batch_size:
             item = next(queue, None)
             if item is None:
