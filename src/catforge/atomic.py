@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 
 @contextmanager
@@ -25,3 +26,11 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def write_json(path: Path, data: Any, *, indent: int | None = None) -> Path:
+    """``data`` as JSON in ``path``, written atomically; returns ``path``."""
+    text = json.dumps(data, indent=indent) + ("\n" if indent is not None else "")
+    with atomic_write(path) as handle:
+        handle.write(text.encode())
+    return path

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from catforge.atomic import atomic_write
+from catforge.atomic import write_json
 from catforge.checkpoint import load_checkpoint, load_weights
 from catforge.config import Config
 from catforge.errors import CheckpointError, ConfigError
@@ -125,11 +124,6 @@ def validate(config: Config) -> dict[str, float]:
         results = RunPaths.for_config(config).results_dir
         results.mkdir(parents=True, exist_ok=True)
         path = results / "metrics_val.json"
-        _write_json_atomic(path, metrics)
+        write_json(path, metrics, indent=2)
         print(f"metrics: {path}")
     return metrics
-
-
-def _write_json_atomic(path: Path, data: dict[str, float]) -> None:
-    with atomic_write(path) as handle:
-        handle.write((json.dumps(data, indent=2) + "\n").encode())

@@ -22,7 +22,6 @@ Both files hold the same (rounded) values.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from catforge.atomic import atomic_write
+from catforge.atomic import atomic_write, write_json
 from catforge.config import Config
 from catforge.data.graph import AtomicGraph
 from catforge.errors import ConfigError, DataError
@@ -166,8 +165,7 @@ def write_predictions(
             raise DataError(f"predicted {name} are not finite as {dtype}; use float32")
     json_path = results_dir / "predictions.json"
     npz_path = results_dir / f"{task}_predictions.npz"
-    with atomic_write(json_path) as handle:
-        handle.write(json.dumps(_json_records(arrays)).encode())
+    write_json(json_path, _json_records(arrays))
     with atomic_write(npz_path) as handle:
         np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
     return [json_path, npz_path]

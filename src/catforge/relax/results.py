@@ -15,14 +15,13 @@ Systems are written in dataset order (OCP V2+ sorts the ids lexicographically in
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from catforge.atomic import atomic_write
+from catforge.atomic import atomic_write, write_json
 from catforge.data.collate import collate
 from catforge.data.graph import AtomicGraph
 from catforge.errors import DataError
@@ -49,7 +48,7 @@ def write_relaxation_files(
             {"ids": item, "positions": result.final.positions.tolist()}
             for item, result in zip(ids, results, strict=True)
         ]
-        paths.append(_write(results_dir / f"relaxed_pos_{rank}.json", json.dumps(records).encode()))
+        paths.append(write_json(results_dir / f"relaxed_pos_{rank}.json", records))
     natoms = np.array([len(result.final.positions) for result in results], dtype=np.int64)
     positions = [result.final.positions for result in results]
     paths.append(
@@ -98,17 +97,6 @@ def convergence_summary(results: Sequence[RelaxResult]) -> dict[str, float]:
         "converged_fraction": float(np.mean([result.converged for result in results])),
         "mean_steps": float(np.mean([result.steps for result in results])),
     }
-
-
-def write_metrics(metrics: dict[str, float], path: Path) -> Path:
-    """One JSON object, written atomically."""
-    return _write(path, (json.dumps(metrics, indent=2) + "\n").encode())
-
-
-def _write(path: Path, data: bytes) -> Path:
-    with atomic_write(path) as handle:
-        handle.write(data)
-    return path
 
 
 def _write_npz(path: Path, **arrays: np.ndarray) -> Path:

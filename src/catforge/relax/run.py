@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from catforge.atomic import write_json
 from catforge.config import Config
 from catforge.data.graph import AtomicGraph
 from catforge.errors import ConfigError
@@ -31,7 +32,6 @@ from catforge.relax.results import (
     convergence_summary,
     relaxation_metrics,
     system_id,
-    write_metrics,
     write_relaxation_files,
 )
 from catforge.relax.trajectory import TrajectoryWriter
@@ -148,7 +148,7 @@ def _report(config: Config, results: Sequence[RelaxResult]) -> dict[str, float]:
     print(f"relaxed {len(results)} systems")
     print(format_metrics_table(metrics))
     if totals is not None:
-        files.append(write_metrics(metrics, paths.results_dir / "metrics_relax.json"))
+        files.append(write_json(paths.results_dir / "metrics_relax.json", metrics, indent=2))
     if not config.options.debug:
         with RunLogger(paths.logs_dir, paths.results_dir / "metrics.jsonl") as logger:
             logger.log(metrics, step=0, split="relax", epoch=0.0)
