@@ -15,7 +15,7 @@ model's own cutoff and neighbour cap. Positions are never wrapped into the cell.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -177,9 +177,11 @@ class _InFlight:
         return out.scatter_reduce_(0, self.system_of_atom, values, "amax", include_self=True)
 
     def frames(
-        self, slots: Iterable[int], energy: Tensor, forces: Tensor, fmax: Tensor
+        self, slots: Sequence[int], energy: Tensor, forces: Tensor, fmax: Tensor
     ) -> dict[int, Frame]:
         """The frames of this iteration of the structures in ``slots``."""
+        if not slots:
+            return {}
         bounds = np.cumsum([0, *(graph.n_atoms for graph in self.graphs)])
         pos, forces_np = self.pos.cpu().numpy(), forces.cpu().numpy()
         steps = self.lbfgs.iterations.tolist()
