@@ -12,9 +12,9 @@ import torch
 
 from catforge import checkpoint as checkpoint_module
 from catforge.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from catforge.data.samplers import ShardedBatchSampler
 from catforge.errors import CheckpointError
 from catforge.training.resume import (
-    EpochBatchSampler,
     better_of,
     config_diff,
     rng_state,
@@ -74,7 +74,7 @@ def test_matching_weights_load_without_module_prefix() -> None:
 
 
 def test_epoch_batches_resume_at_an_offset_of_the_same_permutation() -> None:
-    sampler = EpochBatchSampler(size=23, batch_size=5, seed=7)
+    sampler = ShardedBatchSampler(size=23, batch_size=5, seed=7)
     sampler.set_epoch(3)
     full = list(sampler)
     assert len(sampler) == len(full) == 5

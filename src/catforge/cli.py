@@ -6,10 +6,14 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from catforge.errors import CatforgeError
+
+if TYPE_CHECKING:
+    from catforge.config import Config, RunOptions
 
 log = logging.getLogger("catforge")
 
@@ -102,10 +106,12 @@ def build_ocp_parser() -> argparse.ArgumentParser:
     add("--submit", action="store_true", help="submit to Slurm through submitit")
     add("--num-nodes", type=int, default=1)
     add("--num-gpus", type=int, default=1)
-    add("--distributed", action="store_true")
-    add("--distributed-port", type=int, default=13356)
-    add("--distributed-backend", default="nccl")
-    add("--local_rank", "--local-rank", dest="local_rank", type=int, default=0)
+    add("--distributed", action="store_true", help="one of N processes (torchrun, launch, Slurm)")
+    add("--distributed-port", type=int, default=13356, help="rendezvous port (Slurm jobs)")
+    add(
+        "--distributed-backend", default="auto", help="auto (nccl on CUDA, gloo on CPU), nccl, gloo"
+    )
+    add("--local_rank", "--local-rank", dest="local_rank", type=int, help=argparse.SUPPRESS)
     add("--slurm-partition", default="ocp")
     add("--slurm-mem", type=int, default=80, help="GB")
     add("--slurm-timeout", type=int, default=72, help="hours")
@@ -126,11 +132,46 @@ def run_ocp_command(argv: Sequence[str]) -> int:
             "(config overrides look like --optim.lr_initial=0.001)"
         )
     from catforge.config import RunOptions, load_config
-    from catforge.modes import run
 
     options = RunOptions.from_namespace(args)
-    config = load_config(args.config_yml, extra, options)
-    run(config)
+    if options.submit:
+        from catforge.slurm import submit
+
+        config = load_config(args.config_yml, extra, options)  # check it before submitting
+        submit(argv, options, config.slurm.params)
+        return 0
+    return _run_in_process_group(options, lambda: load_config(args.config_yml, extra, options))
+
+
+def _run_in_process_group(options: RunOptions, make_config: Callable[[], Config]) -> int:
+    """Join the process group when launched as one of several processes, run, leave.
+
+    A run stopped by a signal exits with ``RESUME_EXIT_CODE`` after writing its checkpoint.
+    """
+    from catforge import distributed
+    from catforge.modes import run
+    from catforge.preemption import RESUME_EXIT_CODE, Preempted
+
+    env = distributed.detect(options.local_rank, options.distributed_port, options.num_gpus)
+    if env.launcher == "slurm" and not options.distributed:
+        env = distributed.DistributedEnv(0, 0, 1, env.master_addr, env.master_port, "single")
+    elif env.world_size > 1 and not options.distributed:
+        log.warning("started as rank %d of %d without --distributed", env.rank, env.world_size)
+    backend = options.distributed_backend
+    if options.cpu and backend == "auto":
+        backend = "gloo"
+    distributed.setup(env, backend)
+    try:
+        run(make_config())
+    except Preempted as stop:
+        print(
+            f"catforge: {stop}; resume with --checkpoint {stop.checkpoint} "
+            f"(exit status {RESUME_EXIT_CODE})",
+            file=sys.stderr,
+        )
+        return RESUME_EXIT_CODE
+    finally:
+        distributed.cleanup()
     return 0
 
 

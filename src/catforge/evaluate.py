@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from catforge.data.graph import AtomicGraph
+from catforge.distributed import all_reduce_sum, broadcast_object, gather_objects, get_world_size
 from catforge.metrics import MetricTotals, energy_totals, force_totals
 from catforge.models.forces import ForceModel
 from catforge.targets import TargetTransform
@@ -67,7 +68,7 @@ def evaluate(
     with_forces: bool,
     eval_on_free_atoms: bool = True,
 ) -> MetricTotals:
-    """Totals over every batch (the caller all-reduces them across processes)."""
+    """Totals over every batch, summed over all processes under DDP."""
     was_training = model.training
     model.eval()
     totals = MetricTotals()
@@ -83,4 +84,17 @@ def evaluate(
             )
     finally:
         model.train(was_training)
-    return totals
+    return all_reduce_totals(totals, device)
+
+
+def all_reduce_totals(totals: MetricTotals, device: torch.device) -> MetricTotals:
+    """``totals`` summed over every rank (itself on one process).
+
+    Ranks agree on the metric names first, so a rank without batches still takes part.
+    """
+    if get_world_size() == 1:
+        return totals
+    gathered = gather_objects(totals.names)
+    names = broadcast_object(sorted(set().union(*gathered)) if gathered is not None else [])
+    flat = all_reduce_sum(totals.as_tensor(names, device=device))
+    return MetricTotals.from_tensor(names, flat)

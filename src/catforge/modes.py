@@ -11,12 +11,14 @@ import torch
 from catforge.atomic import write_json
 from catforge.checkpoint import load_checkpoint, load_weights
 from catforge.config import Config
+from catforge.distributed import is_main
 from catforge.errors import CheckpointError, ConfigError
 from catforge.evaluate import evaluate
 from catforge.loggers import RunLogger
 from catforge.metrics import format_metrics_table
 from catforge.potential import build_model, load_model, load_transform, pick_device, with_forces
 from catforge.predict import run_predict
+from catforge.preemption import stop_requests
 from catforge.relax.run import run_relaxations
 from catforge.runs import RunPaths
 from catforge.training.build import build_dataset, build_eval_loader
@@ -50,8 +52,8 @@ def train(config: Config) -> dict[str, float]:
     """
     resume = _resume_state(config)
     paths = _train_paths(config, resume)
-    debug = config.options.debug
-    if not debug:
+    writes = not config.options.debug and is_main()
+    if writes:
         paths.make()
     train_set = build_dataset(config, config.dataset.split("train"))
     val_entry = config.dataset.val
@@ -64,17 +66,19 @@ def train(config: Config) -> dict[str, float]:
         load_weights(model, init["state_dict"], str(config.optim.init_from))
         log.info("fine-tuning from the weights of %s", config.optim.init_from)
     logger = (
-        RunLogger.disabled()
-        if debug
-        else RunLogger(paths.logs_dir, paths.results_dir / "metrics.jsonl")
+        RunLogger(paths.logs_dir, paths.results_dir / "metrics.jsonl")
+        if writes
+        else RunLogger.disabled()
     )
     device = pick_device(config.options.cpu)
-    with logger:
-        trainer = Trainer(config, model, train_set, val_set, paths, device, logger, resume)
+    with logger, stop_requests() as stop:
+        trainer = Trainer(config, model, train_set, val_set, paths, device, logger, resume, stop)
         metrics = trainer.train()
+    if not is_main():
+        return metrics
     if metrics:
         print(format_metrics_table(metrics))
-    if not debug:
+    if writes:
         print(f"checkpoint: {paths.checkpoint_dir / 'checkpoint.pt'}")
         print(f"tensorboard logs: {paths.logs_dir}")
         print(f"metrics log: {paths.results_dir / 'metrics.jsonl'}")
@@ -119,6 +123,8 @@ def validate(config: Config) -> dict[str, float]:
         eval_on_free_atoms=config.task.eval_on_free_atoms,
     )  # fmt: skip
     metrics = totals.compute()
+    if not is_main():
+        return metrics
     print(format_metrics_table(metrics))
     if not config.options.debug:
         results = RunPaths.for_config(config).results_dir

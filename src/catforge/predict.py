@@ -22,7 +22,7 @@ Both files hold the same (rounded) values.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +33,8 @@ import torch
 from catforge.atomic import atomic_write, write_json
 from catforge.config import Config
 from catforge.data.graph import AtomicGraph
+from catforge.data.samplers import shard_start
+from catforge.distributed import gather_objects, get_rank, get_world_size
 from catforge.errors import ConfigError, DataError
 from catforge.potential import Potential, pick_device, with_forces
 from catforge.runs import RunPaths
@@ -61,6 +63,24 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @classmethod
+    def concatenate(cls, parts: Sequence[Predictions]) -> Predictions:
+        """Predictions of consecutive shards, in order (one set, as if predicted at once)."""
+        ids = [item for part in parts for item in part.ids]
+        energy = np.concatenate([part.energy for part in parts])
+        if any(part.forces is None for part in parts):
+            return cls(ids, energy)
+        system_forces = [block for part in parts for block in part.system_forces or []]
+        free = [block for part in parts for block in part.free_forces()]
+        counts = np.array([len(block) for block in free], dtype=np.int64)
+        return cls(
+            ids,
+            energy,
+            forces=np.concatenate(free) if free else np.zeros((0, 3)),
+            chunk_idx=np.cumsum(counts)[:-1],
+            system_forces=system_forces,
+        )
+
     def free_forces(self) -> list[np.ndarray]:
         """Each system's free-atom forces (n_free_i, 3)."""
         if self.forces is None or self.chunk_idx is None:
@@ -83,14 +103,15 @@ def _graph_ids(batch: AtomicGraph, start: int, with_fid: bool) -> list[str]:
 
 
 def predict(
-    potential: Potential, batches: Iterable[AtomicGraph], *, with_forces: bool
+    potential: Potential, batches: Iterable[AtomicGraph], *, with_forces: bool, start: int = 0
 ) -> Predictions:
     """Run ``potential`` over ``batches`` (not shuffled) and collect its predictions.
 
     Labels are never read, so unlabelled test sets work. ``with_forces`` (S2EF) needs a model
-    that regresses forces.
+    that regresses forces. ``start`` is the dataset index of the first structure (a rank's
+    shard), used for ids when the data has no sid/fid.
     """
-    parts = _Parts()
+    parts = _Parts(start)
     for batch in batches:
         parts.add(potential, batch, with_forces=with_forces)
     return parts.finish(with_forces=with_forces)
@@ -100,6 +121,7 @@ def predict(
 class _Parts:
     """Per-batch results gathered by :func:`predict`."""
 
+    start: int = 0
     ids: list[str] = field(default_factory=list)
     energies: list[np.ndarray] = field(default_factory=list)
     system_forces: list[np.ndarray] = field(default_factory=list)
@@ -108,7 +130,7 @@ class _Parts:
     def add(self, potential: Potential, batch: AtomicGraph, *, with_forces: bool) -> None:
         output = potential(batch)
         energy, forces = output.energy, output.forces
-        self.ids.extend(_graph_ids(batch, len(self.ids), with_forces))
+        self.ids.extend(_graph_ids(batch, self.start + len(self.ids), with_forces))
         self.energies.append(energy.detach().cpu().double().numpy().reshape(-1))
         if with_forces:
             if forces is None:
@@ -202,7 +224,12 @@ def run_predict(config: Config) -> list[Path]:
     )
     test_set = build_dataset(config, config.dataset.split("test"))
     loader = build_eval_loader(config, test_set)
-    predictions = predict(potential, loader, with_forces=with_forces(config))
+    start = shard_start(len(test_set), get_rank(), get_world_size())  # type: ignore[arg-type]
+    shard = predict(potential, loader, with_forces=with_forces(config), start=start)
+    gathered = gather_objects(shard)
+    if gathered is None:  # not rank 0: rank 0 writes every rank's predictions
+        return []
+    predictions = Predictions.concatenate(gathered)
     results_dir = RunPaths.for_config(config).results_dir
     task: Task = "is2re" if config.trainer == "energy" else "s2ef"
     paths = write_predictions(predictions, results_dir, task, config.task.prediction_dtype)

@@ -7,6 +7,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from catforge.distributed import broadcast_object
+
 if TYPE_CHECKING:
     from catforge.config import Config
 
@@ -35,6 +37,7 @@ class RunPaths:
             timestamp_id = (now or datetime.now()).strftime("%Y-%m-%d-%H-%M-%S")
             if identifier:
                 timestamp_id = f"{timestamp_id}-{identifier}"
+            timestamp_id = broadcast_object(timestamp_id)  # every rank uses rank 0's folders
         return cls(
             timestamp_id=timestamp_id,
             checkpoint_dir=run_dir / "checkpoints" / timestamp_id,

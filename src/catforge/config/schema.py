@@ -211,8 +211,8 @@ class RunOptions:
     num_gpus: int = 1
     distributed: bool = False
     distributed_port: int = 13356
-    distributed_backend: str = "nccl"
-    local_rank: int = 0
+    distributed_backend: str = "auto"
+    local_rank: int | None = None
     slurm_partition: str = "ocp"
     slurm_mem: int = 80
     slurm_timeout: int = 72

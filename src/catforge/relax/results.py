@@ -2,8 +2,9 @@
 
 Files, in ``results/<timestamp_id>/``:
 
-- ``relaxed_pos_<rank>.json`` (with ``task.write_pos``): ``[{"ids": sid, "positions": [[x, y,
-  z], ...]}]``, all atoms, as OCP after #127.
+- ``relaxed_pos_0.json`` (with ``task.write_pos``): ``[{"ids": sid, "positions": [[x, y, z],
+  ...]}]``, all atoms, as OCP after #127. OCP wrote one ``relaxed_pos_<rank>.json`` per rank;
+  catforge gathers every rank's results first, so rank 0's file holds them all.
 - ``relaxed_positions.npz``, the OC20 submission layout: ``ids``,
   ``pos`` (all atoms of all systems concatenated, A) and ``chunk_idx = cumsum(natoms)[:-1]``.
 - ``relaxed_energies.npz``: ``ids``, ``energy`` (eV, the model's energy at the relaxed
@@ -35,7 +36,7 @@ def system_id(graph: AtomicGraph, index: int) -> str:
 
 
 def write_relaxation_files(
-    results: Sequence[RelaxResult], results_dir: Path, *, rank: int = 0, write_pos: bool = True
+    results: Sequence[RelaxResult], results_dir: Path, *, write_pos: bool = True
 ) -> list[Path]:
     """Write the files above (``results`` in dataset order) atomically; return their paths."""
     ids = [system_id(result.initial, result.index) for result in results]
@@ -48,7 +49,7 @@ def write_relaxation_files(
             {"ids": item, "positions": result.final.positions.tolist()}
             for item, result in zip(ids, results, strict=True)
         ]
-        paths.append(write_json(results_dir / f"relaxed_pos_{rank}.json", records))
+        paths.append(write_json(results_dir / "relaxed_pos_0.json", records))
     natoms = np.array([len(result.final.positions) for result in results], dtype=np.int64)
     positions = [result.final.positions for result in results]
     paths.append(

@@ -14,12 +14,13 @@ import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import torch
 from torch.utils.data import Dataset
 
 from catforge.atomic import write_json
 from catforge.config import Config
 from catforge.data.graph import AtomicGraph
+from catforge.data.samplers import shard_start
+from catforge.distributed import gather_objects, get_rank, get_world_size
 from catforge.errors import ConfigError
 from catforge.loggers import RunLogger
 from catforge.metrics import format_metrics_table
@@ -78,8 +79,13 @@ def run_relaxations(config: Config) -> dict[str, float]:
     if task.relax_opt.traj_dir is not None:
         tag = relax_tag(Path(options.checkpoint), settings)
         writer = TrajectoryWriter(task.relax_opt.traj_dir, full=task.save_full_traj, relax_tag=tag)
-    results = _relax_all(potential, dataset, count, settings, writer)
-    return _report(config, results)
+    # Under DDP each rank relaxes a contiguous shard; rank 0 gathers and writes everything.
+    rank, world_size = get_rank(), get_world_size()
+    shard = range(shard_start(count, rank, world_size), shard_start(count, rank + 1, world_size))
+    gathered = gather_objects(_relax_all(potential, dataset, shard, settings, writer))
+    if gathered is None:
+        return {}
+    return _report(config, [result for part in gathered for result in part])
 
 
 def relax_tag(checkpoint: Path, settings: RelaxSettings) -> str:
@@ -95,14 +101,14 @@ def relax_tag(checkpoint: Path, settings: RelaxSettings) -> str:
 def _relax_all(
     potential: Potential,
     dataset: Dataset[AtomicGraph],
-    count: int,
+    indices: range,
     settings: RelaxSettings,
     writer: TrajectoryWriter | None,
 ) -> list[RelaxResult]:
-    """Results of the first ``count`` structures, in dataset order."""
+    """Results of the structures at ``indices``, in dataset order."""
     results: dict[int, RelaxResult] = {}
     pending: list[int] = []
-    for index in range(count):
+    for index in indices:
         graph = dataset[index]
         name = system_id(graph, index)
         frame = None if writer is None else writer.completed(name)
@@ -112,7 +118,9 @@ def _relax_all(
             frame = dataclasses.replace(frame, index=index)
             results[index] = RelaxResult(index, graph, frame, frame.fmax < settings.fmax)
     if results:
-        log.info("%d of %d structures already relaxed (trajectories found)", len(results), count)
+        log.info(
+            "%d of %d structures already relaxed (trajectories found)", len(results), len(indices)
+        )
 
     def structures() -> Iterator[AtomicGraph]:
         for position, index in enumerate(pending):
@@ -133,15 +141,12 @@ def _relax_all(
     finally:
         if writer is not None:
             writer.close()
-    return [results[index] for index in range(count)]
+    return [results[index] for index in indices]
 
 
 def _report(config: Config, results: Sequence[RelaxResult]) -> dict[str, float]:
     paths = RunPaths.for_config(config)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    files = write_relaxation_files(
-        results, paths.results_dir, rank=rank, write_pos=config.task.write_pos
-    )
+    files = write_relaxation_files(results, paths.results_dir, write_pos=config.task.write_pos)
     totals = relaxation_metrics(results)
     metrics = {} if totals is None else totals.compute()
     metrics |= convergence_summary(results)

@@ -11,6 +11,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from catforge.config import Config, DatasetConfig
 from catforge.data.collate import collate
 from catforge.data.graph import AtomicGraph
+from catforge.data.samplers import ShardedEvalSampler
+from catforge.distributed import get_rank, get_world_size
 from catforge.errors import ConfigError
 from catforge.potential import config_transform, energy_field, with_forces
 from catforge.registry import dataset_factories, lookup
@@ -33,8 +35,10 @@ def build_loader(
     seed: int,
     batch_size: int = 1,
     batch_sampler: Sampler[list[int]] | None = None,
+    sampler: Sampler[int] | None = None,
 ) -> DataLoader[AtomicGraph]:
-    """A DataLoader collating AtomicGraphs, in dataset order or as ``batch_sampler`` says.
+    """A DataLoader collating AtomicGraphs, in dataset order, ``sampler``'s order or as
+    ``batch_sampler`` says.
 
     Its own generator seeded by ``seed`` seeds the workers, so loading never draws from the
     global RNG (which exact resume restores).
@@ -43,6 +47,7 @@ def build_loader(
         dataset,
         batch_size=batch_size if batch_sampler is None else 1,
         batch_sampler=batch_sampler,
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate,
         generator=torch.Generator().manual_seed(seed),
@@ -52,11 +57,16 @@ def build_loader(
 
 
 def build_eval_loader(config: Config, dataset: Dataset[AtomicGraph]) -> DataLoader[AtomicGraph]:
-    """The loader for validation and prediction: ``optim.eval_batch_size``, dataset order."""
+    """The loader for validation and prediction: ``optim.eval_batch_size``, dataset order.
+
+    Under DDP each rank reads its contiguous shard (no padding, no duplicates), so the ranks'
+    results concatenated in rank order are in dataset order.
+    """
     optim = config.optim
+    shard = ShardedEvalSampler(len(dataset), rank=get_rank(), world_size=get_world_size())  # type: ignore[arg-type]
     return build_loader(
         dataset, num_workers=optim.num_workers, seed=config.options.seed,
-        batch_size=optim.eval_batch_size,
+        batch_size=optim.eval_batch_size, sampler=shard,
     )  # fmt: skip
 
 

@@ -1,17 +1,18 @@
-"""Exact resume: RNG snapshots, the epoch batch order with an offset, and config diffs."""
+"""Exact resume: RNG snapshots, the best metric so far, and config diffs.
+
+The batch order of an epoch with an offset is :class:`catforge.data.samplers.ShardedBatchSampler`.
+"""
 
 from __future__ import annotations
 
 import logging
-import math
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
 
 from catforge.metrics import is_better
 
@@ -19,38 +20,6 @@ log = logging.getLogger(__name__)
 
 # Keys expected to differ between a run and its resumption; never reported.
 _RUN_KEYS = frozenset({"options.checkpoint", "options.mode", "options.timestamp_id"})
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """The shuffling seed of ``epoch``: the batch order is a function of (seed, epoch) only."""
-    return seed * 100_003 + epoch
-
-
-class EpochBatchSampler(Sampler[list[int]]):
-    """Batches of one epoch's seeded permutation, starting at a batch offset.
-
-    ``set_epoch(epoch, start)`` fixes the permutation (and thus every batch) before iteration,
-    so a resumed run yields the remaining batches without loading the consumed ones.
-    """
-
-    def __init__(self, size: int, batch_size: int, seed: int) -> None:
-        self.size, self.batch_size, self.seed = size, batch_size, seed
-        self._batches: list[list[int]] = []
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        """Use epoch ``epoch``'s permutation, skipping its first ``start`` batches."""
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-        order = torch.randperm(self.size, generator=generator).tolist()
-        batches = [order[i : i + self.batch_size] for i in range(0, self.size, self.batch_size)]
-        self._batches = batches[start:]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self._batches
-
-    def __len__(self) -> int:
-        """Batches in a full epoch (steps per epoch), whatever the current offset."""
-        return math.ceil(self.size / self.batch_size)
 
 
 def rng_state() -> dict[str, Any]:

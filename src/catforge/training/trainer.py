@@ -6,16 +6,19 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from catforge.checkpoint import save_checkpoint
 from catforge.config import Config
 from catforge.data.graph import AtomicGraph
+from catforge.data.samplers import ShardedBatchSampler, balance_weights, epoch_seed
+from catforge.distributed import all_reduce_max, all_reduce_sum, get_rank, get_world_size, is_main
 from catforge.evaluate import evaluate, output_totals
 from catforge.loggers import RunLogger
 from catforge.metrics import (
@@ -27,6 +30,7 @@ from catforge.metrics import (
 )
 from catforge.models.forces import ForceModel
 from catforge.potential import energy_field, with_forces
+from catforge.preemption import Preempted, StopRequest
 from catforge.progress import progress_enabled
 from catforge.runs import RunPaths
 from catforge.targets import TargetTransform
@@ -40,9 +44,7 @@ from catforge.training.optim import (
     clip_gradients,
 )
 from catforge.training.resume import (
-    EpochBatchSampler,
     better_of,
-    epoch_seed,
     rng_state,
     set_rng_state,
     stored_best,
@@ -67,6 +69,11 @@ class Trainer:
 
     ``resume`` (a ``checkpoint.pt`` dict) continues that run exactly: counters, position in
     the epoch, optimizer, schedule, EMA, normalisers, AMP scaler, best metric and RNG states.
+
+    Under DDP (an initialised process group) every rank trains its share of each global batch of
+    ``world_size * batch_size`` structures, losses are normalised by the global counts (so the
+    result equals one process with the global batch), and only rank 0 writes checkpoints.
+    ``stop`` ends training after the current step with a checkpoint (:mod:`catforge.preemption`).
     """
 
     def __init__(
@@ -79,13 +86,23 @@ class Trainer:
         device: torch.device,
         logger: RunLogger,
         resume: Mapping[str, Any] | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
         self.config, self.paths, self.device, self.logger = config, paths, device, logger
+        self.stop = stop or StopRequest()
         optim = config.optim
         self.model = model.to(device)
+        self.world_size = get_world_size()
+        self.train_model: torch.nn.Module = self.model
+        if self.world_size > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids)
         self.transform = self._build_transform(train_set, resume)
         seed = config.options.seed
-        self.batch_sampler = EpochBatchSampler(len(train_set), optim.batch_size, seed)
+        self.batch_sampler = ShardedBatchSampler(
+            len(train_set), optim.batch_size, seed, rank=get_rank(), world_size=self.world_size,
+            weights=balance_weights(train_set, optim.load_balancing),
+        )  # fmt: skip
         self.train_loader = build_loader(
             train_set, num_workers=optim.num_workers, seed=seed, batch_sampler=self.batch_sampler
         )
@@ -170,14 +187,14 @@ class Trainer:
         bar = self._progress_bar()
         state = self.state
         while state.step < self.total_steps:
-            for batch in self._epoch_batches():
+            for batch, waited in _timed(self._epoch_batches()):
                 result, grad_norm, totals = self._train_step(batch)
                 state.step += 1
                 state.batch += 1
                 epoch_end = state.batch >= self.steps_per_epoch
                 if epoch_end:
                     state.epoch, state.batch = state.epoch + 1, 0
-                window.add(result, grad_norm, totals, batch.n_graphs)
+                window.add(result, grad_norm, totals, batch.n_graphs, waited)
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(result.total.detach()):.4f}", refresh=False)
                 if state.step % self.config.options.print_every == 0:
@@ -187,6 +204,11 @@ class Trainer:
                     last_val = self._validate() or last_val
                 if epoch_end or done or state.step % self.checkpoint_every == 0:
                     self._save_training(last_val)
+                if self._stop_requested():
+                    bar.close()
+                    raise Preempted(
+                        self._save_training(last_val) or self._checkpoint_path, state.step
+                    )
                 if done:
                     break
         bar.close()
@@ -211,7 +233,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.amp else _null()
         with autocast:
-            output = self.model(batch, training=True)
+            output = self.train_model(batch, training=True)
             result = self._loss(output.energy, output.forces, batch)
         self.scaler.scale(result.total).backward()
         self.scaler.unscale_(self.optimizer)
@@ -234,10 +256,13 @@ class Trainer:
     ) -> LossResult:
         optim = self.config.optim
         energy_target, forces_target = self.transform.normalize_batch(batch)
+        # Under DDP: local sums over global counts (see training/losses.py).
+        reduce = all_reduce_sum if self.world_size > 1 else None
         if not with_forces(self.config):
             return energy_loss(
                 energy.float(), energy_target, loss_energy=optim.loss_energy,
                 energy_coefficient=optim.energy_coefficient,
+                reduce_count=reduce, world_size=self.world_size,
             )  # fmt: skip
         return s2ef_loss(
             energy.float(), energy_target, None if forces is None else forces.float(),
@@ -245,6 +270,7 @@ class Trainer:
             loss_force=optim.loss_force, energy_coefficient=optim.energy_coefficient,
             force_coefficient=optim.force_coefficient,
             train_on_free_atoms=self.config.task.train_on_free_atoms,
+            reduce_count=reduce, world_size=self.world_size,
         )  # fmt: skip
 
     # --- evaluation, logging, checkpoints -------------------------------------------------------
@@ -303,9 +329,21 @@ class Trainer:
             "primary_metric": self.primary,
         }
 
+    def _stop_requested(self) -> bool:
+        """Whether any rank received a stop signal (all ranks agree)."""
+        flag = 1.0 if self.stop.requested else 0.0
+        return (all_reduce_max(flag) if self.world_size > 1 else flag) > 0
+
+    @property
+    def _checkpoint_path(self) -> Path | None:
+        return None if self.config.options.debug else self.paths.checkpoint_dir / "checkpoint.pt"
+
     def _save_training(self, val_metrics: dict[str, float]) -> Path | None:
-        """``checkpoint.pt``: the full training state (at most once per step)."""
+        """``checkpoint.pt``: the full training state (at most once per step; rank 0 writes)."""
         if self.config.options.debug or self._saved_step == self.state.step:
+            return None
+        self._saved_step = self.state.step
+        if not is_main():
             return None
         state = {
             **self._model_state(val_metrics),
@@ -314,12 +352,11 @@ class Trainer:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "rng": rng_state(),
         }
-        self._saved_step = self.state.step
         return save_checkpoint(state, self.paths.checkpoint_dir / "checkpoint.pt")
 
     def _save_best(self, val_metrics: dict[str, float]) -> Path | None:
         """``best_checkpoint.pt``: the current (EMA, when on) weights for inference."""
-        if self.config.options.debug:
+        if self.config.options.debug or not is_main():
             return None
         state = self._model_state(val_metrics)
         return save_checkpoint(state, self.paths.checkpoint_dir / "best_checkpoint.pt")
@@ -344,11 +381,15 @@ class _Window:
         self.loss = 0.0
         self.grad_norm = 0.0
         self.structures = 0
+        self.data_wait = 0.0
         self.totals = MetricTotals()
         self.start = time.perf_counter()
 
-    def add(self, result: LossResult, grad_norm: float, totals: MetricTotals, n: int) -> None:
+    def add(
+        self, result: LossResult, grad_norm: float, totals: MetricTotals, n: int, waited: float
+    ) -> None:
         self.count += 1
+        self.data_wait += waited
         self.loss += float(result.total.detach())
         self.grad_norm += grad_norm
         self.structures += n
@@ -359,9 +400,21 @@ class _Window:
         metrics = self.totals.compute()
         metrics["loss"] = self.loss / max(self.count, 1)
         metrics["grad_norm"] = self.grad_norm / max(self.count, 1)
-        metrics["structures_per_s"] = self.structures / elapsed
+        metrics["structures_per_s"] = self.structures / elapsed  # this rank's
+        metrics["data_wait_fraction"] = self.data_wait / elapsed
         self._reset()
         return metrics
+
+
+def _timed(batches: Iterable[AtomicGraph]) -> Iterator[tuple[AtomicGraph, float]]:
+    """Each batch with the seconds spent waiting for it (loading and collating)."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        batch = next(iterator, None)
+        if batch is None:
+            return
+        yield batch, time.perf_counter() - start
 
 
 def _null() -> contextlib.AbstractContextManager[None]:

@@ -1,0 +1,163 @@
+"""Multi-process runs on the CPU (gloo): launchers, DDP equivalence, sharded evaluation and
+prediction, preemption. Each test starts real processes through torchrun or
+``python -m torch.distributed.launch``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from catforge.checkpoint import load_checkpoint
+from catforge.cli import main
+from catforge.preemption import RESUME_EXIT_CODE
+from tests.factories import SMALL_MODEL, data_overrides
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {
+    "s2ef": ROOT / "configs" / "demo" / "s2ef_schnet.yml",
+    "is2re": ROOT / "configs" / "demo" / "is2re_schnet.yml",
+}
+TIMEOUT = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_args(demo: Path, task: str, run_dir: Path, *extra: str) -> list[str]:
+    """A tiny, deterministic CPU run of the demo config on the demo data."""
+    return [
+        f"--config-yml={CONFIGS[task]}", *SMALL_MODEL, *data_overrides(demo, task),
+        f"--run-dir={run_dir}", "--timestamp-id=t", "--cpu", "--optim.num_workers=0",
+        "--optim.eval_every=1000", "--optim.max_epochs=1000", "--print-every=1", *extra,
+    ]  # fmt: skip
+
+
+def launch(launcher: str, args: list[str], nproc: int = 2) -> subprocess.CompletedProcess[str]:
+    """``main.py`` under torchrun (``torch.distributed.run``) or ``torch.distributed.launch``."""
+    command = [sys.executable, "-m", f"torch.distributed.{launcher}", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", str(ROOT / "main.py"), "--distributed",
+               "--distributed-backend=gloo", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=TIMEOUT, env=env, cwd=ROOT, check=False
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["state_dict"]
+
+
+def assert_same_weights(one: Path, other: Path, atol: float) -> None:
+    first, second = weights(one), weights(other)
+    assert first.keys() == second.keys()
+    for name in first:
+        torch.testing.assert_close(first[name], second[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("launcher", ["run", "launch"])
+def test_two_processes_train_end_to_end(demo: Path, tmp_path: Path, launcher: str) -> None:
+    args = run_args(demo, "s2ef", tmp_path, "--mode=train", "--optim.max_steps=3",
+                    "--optim.batch_size=2")  # fmt: skip
+    done = launch(launcher, args)
+    checkpoint = tmp_path / "checkpoints" / "t" / "checkpoint.pt"
+    state = load_checkpoint(checkpoint)
+    assert state["step"] == 3
+    assert not any(key.startswith("module.") for key in state["state_dict"])
+    # Only rank 0 logs: one "checkpoint:" line, one JSONL record per train step.
+    assert done.stdout.count("checkpoint:") == 1
+    records = (tmp_path / "results" / "t" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in records if '"train"' in line] == [1, 2, 3]
+    # The DDP checkpoint resumes in a single process.
+    assert main([*run_args(demo, "s2ef", tmp_path, "--mode=train", "--optim.max_steps=4",
+                           "--optim.batch_size=2"), f"--checkpoint={checkpoint}"]) == 0  # fmt: skip
+    assert load_checkpoint(checkpoint)["step"] == 4
+
+
+@pytest.mark.parametrize(("task", "balance"), [("s2ef", "atoms"), ("is2re", None)])
+def test_ddp_equals_one_process_with_the_global_batch(
+    demo: Path, tmp_path: Path, task: str, balance: str | None
+) -> None:
+    steps = ["--mode=train", "--optim.max_steps=4", "--optim.lr_initial=0.005"]
+    if balance:
+        steps.append(f"--optim.load_balancing={balance}")
+    launch("run", run_args(demo, task, tmp_path / "ddp", *steps, "--optim.batch_size=2"))
+    assert main(run_args(demo, task, tmp_path / "one", *steps, "--optim.batch_size=4")) == 0
+    assert_same_weights(
+        tmp_path / "ddp" / "checkpoints" / "t" / "checkpoint.pt",
+        tmp_path / "one" / "checkpoints" / "t" / "checkpoint.pt",
+        atol=1e-5,
+    )
+
+
+def test_sharded_validation_and_prediction_equal_one_process(demo: Path, tmp_path: Path) -> None:
+    train = run_args(demo, "s2ef", tmp_path, "--mode=train", "--optim.max_steps=2")
+    assert main(train) == 0
+    checkpoint = f"--checkpoint={tmp_path / 'checkpoints' / 't' / 'checkpoint.pt'}"
+    results = {}
+    for name, runner in (("one", None), ("two", "run")):
+        for mode in ("validate", "predict"):
+            args = run_args(demo, "s2ef", tmp_path / name, f"--mode={mode}", checkpoint,
+                            "--optim.eval_batch_size=3")  # fmt: skip
+            if runner is None:
+                assert main(args) == 0
+            else:
+                launch(runner, args)
+        results[name] = tmp_path / name / "results" / "t"
+    one_metrics = json.loads((results["one"] / "metrics_val.json").read_text())
+    two_metrics = json.loads((results["two"] / "metrics_val.json").read_text())
+    assert one_metrics.keys() == two_metrics.keys()
+    for key, value in one_metrics.items():
+        assert two_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    with (
+        np.load(results["one"] / "s2ef_predictions.npz") as one,
+        np.load(results["two"] / "s2ef_predictions.npz") as two,
+    ):
+        assert two["ids"].tolist() == one["ids"].tolist()
+        assert len(set(two["ids"].tolist())) == len(two["ids"])
+        np.testing.assert_allclose(two["energy"], one["energy"], atol=1e-5)
+        np.testing.assert_allclose(two["forces"], one["forces"], atol=1e-5)
+        np.testing.assert_array_equal(two["chunk_idx"], one["chunk_idx"])
+
+
+def test_sigterm_checkpoints_and_the_resumed_run_matches(demo: Path, tmp_path: Path) -> None:
+    steps = 40
+    common = ["--mode=train", f"--optim.max_steps={steps}", "--optim.batch_size=2"]
+    assert main(run_args(demo, "s2ef", tmp_path / "whole", *common)) == 0
+    args = run_args(demo, "s2ef", tmp_path / "cut", *common)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), *args], cwd=ROOT, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    log = tmp_path / "cut" / "results" / "t" / "metrics.jsonl"
+    deadline = time.monotonic() + TIMEOUT
+    while not (log.is_file() and log.read_text().count('"train"') >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=TIMEOUT)
+    assert process.returncode == RESUME_EXIT_CODE, stderr[-3000:]
+    checkpoint = tmp_path / "cut" / "checkpoints" / "t" / "checkpoint.pt"
+    stopped_at = load_checkpoint(checkpoint)["step"]
+    assert 3 <= stopped_at < steps
+    assert "--checkpoint" in stderr
+    assert main([*args, f"--checkpoint={checkpoint}"]) == 0
+    assert load_checkpoint(checkpoint)["step"] == steps
+    assert_same_weights(checkpoint, tmp_path / "whole" / "checkpoints" / "t" / "checkpoint.pt", 0)
