@@ -161,3 +161,31 @@ def test_sigterm_checkpoints_and_the_resumed_run_matches(demo: Path, tmp_path: P
     assert main([*args, f"--checkpoint={checkpoint}"]) == 0
     assert load_checkpoint(checkpoint)["step"] == steps
     assert_same_weights(checkpoint, tmp_path / "whole" / "checkpoints" / "t" / "checkpoint.pt", 0)
+
+
+def test_sharded_relaxations_equal_one_process(demo: Path, tmp_path: Path) -> None:
+    assert main(run_args(demo, "s2ef", tmp_path, "--mode=train", "--optim.max_steps=2")) == 0
+    relax = [
+        f"--checkpoint={tmp_path / 'checkpoints' / 't' / 'checkpoint.pt'}",
+        f"--task.relax_dataset.src={demo / 'is2re' / 'train' / 'data.lmdb'}",
+        "--task.relaxation_steps=5", "--task.write_pos=True",
+    ]  # fmt: skip
+    for name in ("one", "two"):
+        args = run_args(demo, "s2ef", tmp_path / name, "--mode=run-relaxations", *relax,
+                        f"--task.relax_opt.traj_dir={tmp_path / name / 'traj'}")  # fmt: skip
+        args[0] = f"--config-yml={ROOT / 'configs' / 'demo' / 'is2rs_schnet.yml'}"
+        if name == "one":
+            assert main(args) == 0
+        else:
+            launch("run", args)
+    one, two = (tmp_path / name / "results" / "t" for name in ("one", "two"))
+    assert not (two / "relaxed_pos_1.json").exists()
+    first = json.loads((one / "relaxed_pos_0.json").read_text())
+    second = json.loads((two / "relaxed_pos_0.json").read_text())
+    assert [r["ids"] for r in second] == [r["ids"] for r in first]
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_allclose(b["positions"], a["positions"], atol=1e-5)
+    with np.load(one / "relaxed_energies.npz") as a, np.load(two / "relaxed_energies.npz") as b:
+        np.testing.assert_allclose(b["energy"], a["energy"], atol=1e-4)
+    n_traj = len(list((tmp_path / "two" / "traj").glob("*.traj")))
+    assert n_traj == len(first)
