@@ -88,6 +88,11 @@ def test_two_processes_train_end_to_end(demo: Path, tmp_path: Path, launcher: st
     assert main([*run_args(demo, "s2ef", tmp_path, "--mode=train", "--optim.max_steps=4",
                            "--optim.batch_size=2"), f"--checkpoint={checkpoint}"]) == 0  # fmt: skip
     assert load_checkpoint(checkpoint)["step"] == 4
+    if launcher == "run":  # and a single-process checkpoint resumes under DDP
+        more = run_args(demo, "s2ef", tmp_path, "--mode=train", "--optim.max_steps=5",
+                        "--optim.batch_size=2", f"--checkpoint={checkpoint}")  # fmt: skip
+        launch(launcher, more)
+        assert load_checkpoint(checkpoint)["step"] == 5
 
 
 @pytest.mark.parametrize(("task", "balance"), [("s2ef", "atoms"), ("is2re", None)])
