@@ -59,15 +59,30 @@ class StopRequest:
 def stop_requests(signals: tuple[signal.Signals, ...] = STOP_SIGNALS) -> Iterator[StopRequest]:
     """Turn ``signals`` into a :class:`StopRequest` for the duration of the block.
 
-    Outside the main thread (where Python cannot install handlers) the request never fires.
+    When :class:`Preempted` leaves the block, the handler that was installed before (if it is a
+    Python function) is called with the received signal. Outside the main thread (where Python
+    cannot install handlers) the request never fires.
     """
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
         return
     previous = {number: signal.signal(number, request._handle) for number in signals}
-    try:
-        yield request
-    finally:
+
+    def restore() -> None:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+    try:
+        yield request
+    except Preempted:
+        # Hand the signal on to the handler it displaced (e.g. submitit's, which requeues the
+        # job) now that the checkpoint is written; default and ignore handlers are left alone.
+        restore()
+        number = request.signal_number
+        chained = None if number is None else previous.get(signal.Signals(number))
+        if callable(chained) and number is not None:
+            chained(number, None)
+        raise
+    finally:
+        restore()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from catforge.data.samplers import ShardedEvalSampler
 from catforge.distributed import get_rank, get_world_size
 from catforge.errors import ConfigError
 from catforge.potential import config_transform, energy_field, with_forces
+from catforge.preemption import STOP_SIGNALS
 from catforge.registry import dataset_factories, lookup
 from catforge.targets import ElementReferences, Normalizer, TargetTransform
 from catforge.training.label_stats import fit_statistics
@@ -53,7 +55,14 @@ def build_loader(
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_ignore_stop_signals if num_workers > 0 else None,
     )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave stop signals to the main process, which checkpoints and ends them."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
 
 
 def build_eval_loader(config: Config, dataset: Dataset[AtomicGraph]) -> DataLoader[AtomicGraph]:
