@@ -12,9 +12,11 @@ the job, handles USR2 by calling :meth:`CatforgeJob.checkpoint` (on the task of 
 pickling the :class:`~submitit.helpers.DelayedSubmission` it returns as the job's new input,
 running ``scontrol requeue`` and exiting; SIGTERM is only logged. A training run also catches
 USR2 and SIGTERM (:mod:`catforge.preemption`): it finishes the current step, writes
-``checkpoint.pt`` and the command returns :data:`~catforge.preemption.RESUME_EXIT_CODE`. When
-that happens within 10 minutes of the job's time limit, :class:`CatforgeJob` hands over to
-submitit's handler, which requeues the job with argv that resume from that checkpoint. A rerun
+``checkpoint.pt`` and then hands the signal to the handler it displaced. For USR2 that is
+submitit's, which requeues the job with argv that resume from that checkpoint. SIGTERM, which
+submitit only logs, ends the command with :data:`~catforge.preemption.RESUME_EXIT_CODE`; when
+that happens within 10 minutes of the job's time limit, :class:`CatforgeJob` requeues it through
+submitit's handler too. A rerun
 for any other reason (Slurm's own requeue of a preempted job) also resumes: :class:`CatforgeJob`
 adds ``--checkpoint`` whenever its run's ``checkpoint.pt`` exists.
 """
