@@ -161,6 +161,8 @@ def _run_in_process_group(options: RunOptions, make_config: Callable[[], Config]
     if options.cpu and backend == "auto":
         backend = "gloo"
     distributed.setup(env, backend)
+    if env.rank != 0:  # one log stream: other ranks report warnings and errors only
+        log.setLevel(logging.WARNING)
     try:
         run(make_config())
     except Preempted as stop:
