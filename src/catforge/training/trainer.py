@@ -5,8 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -49,6 +48,7 @@ from catforge.training.resume import (
     set_rng_state,
     stored_best,
 )
+from catforge.training.window import MetricsWindow, timed
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +183,11 @@ class Trainer:
             self.total_steps, self.device,
         )  # fmt: skip
         last_val: dict[str, float] = {}
-        window = _Window()
+        window = MetricsWindow()
         bar = self._progress_bar()
         state = self.state
         while state.step < self.total_steps:
-            for batch, waited in _timed(self._epoch_batches()):
+            for batch, waited in timed(self._epoch_batches()):
                 result, grad_norm, totals = self._train_step(batch)
                 state.step += 1
                 state.batch += 1
@@ -368,53 +368,6 @@ class Trainer:
             total=self.total_steps, initial=self.state.step, desc="train", unit="step",
             disable=not progress_enabled(), dynamic_ncols=True,
         )  # fmt: skip
-
-
-class _Window:
-    """Training metrics accumulated between two log lines (totals, not averages of averages)."""
-
-    def __init__(self) -> None:
-        self._reset()
-
-    def _reset(self) -> None:
-        self.count = 0
-        self.loss = 0.0
-        self.grad_norm = 0.0
-        self.structures = 0
-        self.data_wait = 0.0
-        self.totals = MetricTotals()
-        self.start = time.perf_counter()
-
-    def add(
-        self, result: LossResult, grad_norm: float, totals: MetricTotals, n: int, waited: float
-    ) -> None:
-        self.count += 1
-        self.data_wait += waited
-        self.loss += float(result.total.detach())
-        self.grad_norm += grad_norm
-        self.structures += n
-        self.totals = self.totals + totals
-
-    def flush(self) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        metrics = self.totals.compute()
-        metrics["loss"] = self.loss / max(self.count, 1)
-        metrics["grad_norm"] = self.grad_norm / max(self.count, 1)
-        metrics["structures_per_s"] = self.structures / elapsed  # this rank's
-        metrics["data_wait_fraction"] = self.data_wait / elapsed
-        self._reset()
-        return metrics
-
-
-def _timed(batches: Iterable[AtomicGraph]) -> Iterator[tuple[AtomicGraph, float]]:
-    """Each batch with the seconds spent waiting for it (loading and collating)."""
-    iterator = iter(batches)
-    while True:
-        start = time.perf_counter()
-        batch = next(iterator, None)
-        if batch is None:
-            return
-        yield batch, time.perf_counter() - start
 
 
 def _null() -> contextlib.AbstractContextManager[None]:
