@@ -141,6 +141,16 @@ def test_sharded_validation_and_prediction_equal_one_process(demo: Path, tmp_pat
         np.testing.assert_array_equal(two["chunk_idx"], one["chunk_idx"])
 
 
+def test_ranks_agree_on_a_new_run_id(demo: Path, tmp_path: Path) -> None:
+    assert main(run_args(demo, "is2re", tmp_path, "--mode=train", "--optim.max_steps=1")) == 0
+    checkpoint = f"--checkpoint={tmp_path / 'checkpoints' / 't' / 'checkpoint.pt'}"
+    args = [arg for arg in run_args(demo, "is2re", tmp_path / "new", "--mode=validate", checkpoint)
+            if not arg.startswith("--timestamp-id")]  # fmt: skip
+    launch("run", args)
+    (folder,) = (tmp_path / "new" / "results").iterdir()
+    assert (folder / "metrics_val.json").is_file()
+
+
 def test_sigterm_checkpoints_and_the_resumed_run_matches(demo: Path, tmp_path: Path) -> None:
     steps = 40
     common = ["--mode=train", f"--optim.max_steps={steps}", "--optim.batch_size=2"]

@@ -110,7 +110,9 @@ def test_detect_slurm_ntasks_per_node_variable() -> None:
 
 def test_detect_slurm_one_task_per_node() -> None:
     env = slurm_env(ntasks=2, procid=1, localid=0, nodeid=1)
-    assert detect(gpus_per_node=4, env=env) == DistributedEnv(4, 0, 8, "gpu12", 13356, "slurm")
+    assert detect(env=env) == DistributedEnv(1, 0, 2, "gpu12", 13356, "slurm")
+    with pytest.raises(ConfigError, match="ntasks-per-node=4"):  # no process per GPU: refuse
+        detect(gpus_per_node=4, env=env)
     env = slurm_env(ntasks=3, procid=2, localid=0, nodeid=2, nodes=3, SLURM_NTASKS_PER_NODE="1")
     found = detect(env=env)
     assert (found.rank, found.local_rank, found.world_size) == (2, 0, 3)

@@ -121,6 +121,19 @@ def test_rerun_skips_completed_trajectories(setup: Setup, caplog: pytest.LogCapt
                     np.testing.assert_allclose(second[key], first[key], atol=1e-5)
                 else:
                     np.testing.assert_array_equal(second[key], first[key])
+    # A trajectory of another structure under this name is not taken for this one.
+    other = traj[0]
+    other.write_bytes(redo.read_bytes())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="catforge"):
+        assert main(setup.argv(timestamp="swapped")) == 0
+    assert "starts from another structure" in caplog.text
+    with (
+        np.load(setup.results("first") / "relaxed_energies.npz") as first,
+        np.load(setup.results("swapped") / "relaxed_energies.npz") as swapped,
+    ):
+        np.testing.assert_allclose(swapped["energy"], first["energy"], atol=1e-5)
+    stamps[other] = other.stat().st_mtime_ns
     # Other settings: the trajectories are stale, every structure is relaxed again.
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="catforge.relax.run"):
@@ -164,6 +177,15 @@ def test_tutorial_layout_with_relax_keys_at_top_level(setup: Setup, tmp_path: Pa
     assert main(argv) == 0
     assert len(list((tmp_path / "tutorial_traj").glob("*.traj"))) == 2
     assert (setup.results() / "relaxed_pos_0.json").is_file()
+
+
+def test_repeated_sids_are_refused_before_relaxing(
+    setup: Setup, demo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frames = demo / "s2ef" / "val"  # S2EF frames: one sid per trajectory frame
+    assert main(setup.argv(f"--task.relax_dataset.src={frames}")) == 2
+    assert "repeats sid" in capsys.readouterr().err
+    assert not (setup.run_dir / "traj").exists()
 
 
 def test_errors(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,10 +8,11 @@ Launchers (:func:`detect` reads them from the environment, in this order):
   on the command line (passed in as ``local_rank_arg``; it is used when ``LOCAL_RANK`` is unset,
   as with old launchers). Any run whose ``local_rank_arg`` is not None is labelled ``"launch"``.
 - Slurm (``srun``, or a submitit job from ``--submit``): ``SLURM_JOB_ID``, ``SLURM_PROCID`` and
-  ``SLURM_NTASKS`` set and ``RANK`` unset. As OCP: with one task per node
-  (``SLURM_NTASKS_PER_NODE``, else ``SLURM_NTASKS / nodes``)
-  ``rank = SLURM_NODEID * gpus_per_node``, ``local_rank = 0`` and
-  ``world_size = nodes * gpus_per_node``; otherwise ``rank = SLURM_PROCID``,
+  ``SLURM_NTASKS`` set and ``RANK`` unset. With one task per node (``SLURM_NTASKS_PER_NODE``,
+  else ``SLURM_NTASKS / nodes``) ``rank = SLURM_NODEID``, ``local_rank = 0`` and
+  ``world_size = nodes`` (OCP multiplied by ``gpus_per_node`` and expected per-GPU processes
+  that nothing starts, so one task per node with several GPUs is an error naming the fix);
+  otherwise ``rank = SLURM_PROCID``,
   ``local_rank = SLURM_LOCALID`` and ``world_size = SLURM_NTASKS``. ``nodes`` is
   ``SLURM_STEP_NUM_NODES``, ``SLURM_JOB_NUM_NODES`` or ``SLURM_NNODES`` (first one set). The
   rendezvous host is the first host of ``SLURM_STEP_NODELIST`` (else ``SLURM_JOB_NODELIST``),
@@ -138,6 +139,12 @@ def _from_slurm(env: Mapping[str, str], port: int, gpus_per_node: int) -> Distri
         tasks_per_node = int(match.group())
     else:
         tasks_per_node = ntasks // max(nodes, 1)
+    if tasks_per_node == 1 and gpus_per_node > 1:
+        raise ConfigError(
+            f"one Slurm task per node but --num-gpus {gpus_per_node}: catforge runs one process "
+            f"per GPU; start {gpus_per_node} tasks per node (srun --ntasks-per-node="
+            f"{gpus_per_node}) or submit with --submit --distributed"
+        )
     if tasks_per_node == 1:
         rank = _int(env, "SLURM_NODEID") * gpus_per_node
         local_rank, world_size = 0, nodes * gpus_per_node
@@ -271,9 +278,9 @@ def setup(
         nccl = backend is not None and backend.strip().lower() == "nccl"
         name = choose_backend(None if nccl else backend, cuda)
     device = torch.device("cpu")
-    if cuda and name == "nccl":
+    if cuda and (name == "nccl" or env.world_size > 1):  # one GPU per process, whatever backend
         torch.cuda.set_device(env.local_rank)
-        device = torch.device("cuda", env.local_rank)
+        device = torch.device("cuda", env.local_rank) if name == "nccl" else device
     if env.world_size <= 1:
         return device
     if is_initialized():

@@ -123,11 +123,11 @@ def validate(config: Config) -> dict[str, float]:
         eval_on_free_atoms=config.task.eval_on_free_atoms,
     )  # fmt: skip
     metrics = totals.compute()
+    results = RunPaths.for_config(config).results_dir  # on every rank: they agree on the id
     if not is_main():
         return metrics
     print(format_metrics_table(metrics))
     if not config.options.debug:
-        results = RunPaths.for_config(config).results_dir
         results.mkdir(parents=True, exist_ok=True)
         path = results / "metrics_val.json"
         write_json(path, metrics, indent=2)

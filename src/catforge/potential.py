@@ -91,7 +91,9 @@ def checkpoint_config(checkpoint: dict[str, Any], source: str | Path) -> Config:
     raw = checkpoint.get("config")
     if not isinstance(raw, dict) or "model" not in raw:
         raise CheckpointError(
-            f"{source}: the checkpoint stores no model config; pass a config (--config-yml) too"
+            f"{source}: the checkpoint stores no model config (an OCP checkpoint?); give the "
+            "config of its model: --config-yml on the command line, or "
+            "Potential.from_checkpoint(path, config=load_config(YAML)) in Python"
         )
     return parse_config(raw, f"{source} (stored config)")
 

@@ -227,10 +227,10 @@ def run_predict(config: Config) -> list[Path]:
     start = shard_start(len(test_set), get_rank(), get_world_size())  # type: ignore[arg-type]
     shard = predict(potential, loader, with_forces=with_forces(config), start=start)
     gathered = gather_objects(shard)
+    results_dir = RunPaths.for_config(config).results_dir  # on every rank: they agree on the id
     if gathered is None:  # not rank 0: rank 0 writes every rank's predictions
         return []
     predictions = Predictions.concatenate(gathered)
-    results_dir = RunPaths.for_config(config).results_dir
     task: Task = "is2re" if config.trainer == "energy" else "s2ef"
     paths = write_predictions(predictions, results_dir, task, config.task.prediction_dtype)
     print(f"predictions of {len(predictions)} systems:")

@@ -12,15 +12,12 @@ caught, and a run resumed after one loses at most ``optim.checkpoint_every`` ste
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
-
-log = logging.getLogger(__name__)
 
 RESUME_EXIT_CODE = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
@@ -47,11 +44,8 @@ class StopRequest:
         return self.signal_number is not None
 
     def _handle(self, signal_number: int, frame: FrameType | None) -> None:
+        # Only set the flag: writing to a stream here could re-enter one being written.
         if self.signal_number is None:
-            log.warning(
-                "received %s: stopping after this step and writing a checkpoint",
-                signal.Signals(signal_number).name,
-            )
             self.signal_number = signal_number
 
 

@@ -153,7 +153,7 @@ class _InFlight:
             item = next(queue, None)
             if item is None:
                 break
-            new.append((item[0], _without_edges(item[1])))
+            new.append((item[0], without_edges(item[1])))
         if new:
             self.indices += [index for index, _ in new]
             self.graphs += [graph for _, graph in new]
@@ -216,6 +216,6 @@ class _InFlight:
         return self._template
 
 
-def _without_edges(graph: AtomicGraph) -> AtomicGraph:
+def without_edges(graph: AtomicGraph) -> AtomicGraph:
     """``graph`` without stored edges, which stop being valid once atoms move."""
     return graph.replace(edge_index=None, cell_offsets=None, neighbors=None)

@@ -21,13 +21,13 @@ from catforge.config import Config
 from catforge.data.graph import AtomicGraph
 from catforge.data.samplers import shard_start
 from catforge.distributed import gather_objects, get_rank, get_world_size
-from catforge.errors import ConfigError
+from catforge.errors import ConfigError, DataError
 from catforge.loggers import RunLogger
 from catforge.metrics import format_metrics_table
 from catforge.potential import Potential, pick_device
 from catforge.progress import progress
 from catforge.registry import dataset_factories, lookup
-from catforge.relax.driver import RelaxResult, RelaxSettings, relax
+from catforge.relax.driver import RelaxResult, RelaxSettings, relax, without_edges
 from catforge.relax.lbfgs import LBFGSSettings
 from catforge.relax.results import (
     convergence_summary,
@@ -83,9 +83,10 @@ def run_relaxations(config: Config) -> dict[str, float]:
     rank, world_size = get_rank(), get_world_size()
     shard = range(shard_start(count, rank, world_size), shard_start(count, rank + 1, world_size))
     gathered = gather_objects(_relax_all(potential, dataset, shard, settings, writer))
+    paths = RunPaths.for_config(config)  # on every rank: they agree on the run id
     if gathered is None:
         return {}
-    return _report(config, [result for part in gathered for result in part])
+    return _report(config, paths, [result for part in gathered for result in part])
 
 
 def relax_tag(checkpoint: Path, settings: RelaxSettings) -> str:
@@ -94,7 +95,8 @@ def relax_tag(checkpoint: Path, settings: RelaxSettings) -> str:
     with checkpoint.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
-    digest.update(repr(settings).encode())
+    # Results do not depend on how many structures are in flight: resume after an OOM works.
+    digest.update(repr(dataclasses.replace(settings, batch_size=1)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -108,10 +110,17 @@ def _relax_all(
     """Results of the structures at ``indices``, in dataset order."""
     results: dict[int, RelaxResult] = {}
     pending: list[int] = []
+    names: set[str] = set()
     for index in indices:
-        graph = dataset[index]
+        graph = without_edges(dataset[index])
         name = system_id(graph, index)
-        frame = None if writer is None else writer.completed(name)
+        if name in names:
+            raise DataError(
+                f"structure {index} repeats sid {name}: relaxations need one sid per structure "
+                "(an S2EF LMDB repeats sids across frames; relax IS2RE initial structures)"
+            )
+        names.add(name)
+        frame = None if writer is None else writer.completed(name, graph)
         if frame is None:
             pending.append(index)
         else:
@@ -144,8 +153,7 @@ def _relax_all(
     return [results[index] for index in indices]
 
 
-def _report(config: Config, results: Sequence[RelaxResult]) -> dict[str, float]:
-    paths = RunPaths.for_config(config)
+def _report(config: Config, paths: RunPaths, results: Sequence[RelaxResult]) -> dict[str, float]:
     files = write_relaxation_files(results, paths.results_dir, write_pos=config.task.write_pos)
     totals = relaxation_metrics(results)
     metrics = {} if totals is None else totals.compute()

@@ -18,6 +18,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read
@@ -80,19 +81,23 @@ class TrajectoryWriter:
             entry.writer.close()
         self._open.clear()
 
-    def completed(self, name: str) -> Frame | None:
-        """The last frame of ``name``'s finished trajectory with this writer's tag, else None."""
+    def completed(self, name: str, graph: AtomicGraph) -> Frame | None:
+        """The last frame of ``name``'s finished trajectory, if it has this writer's tag and
+        starts from ``graph`` (same elements and initial positions); else None."""
         path = self.path(name)
         if not path.is_file():
             return None
         try:
-            atoms = read(path, index=-1)
+            first, atoms = read(path, index=0), read(path, index=-1)
         except Exception as error:  # a damaged file is relaxed again, not fatal
             log.warning("%s: unreadable trajectory (%s); relaxing it again", path, error)
             return None
-        assert isinstance(atoms, Atoms)
+        assert isinstance(first, Atoms) and isinstance(atoms, Atoms)
         if atoms.info.get("relax_tag") != self.relax_tag:
             log.warning("%s: written by another model or settings; relaxing it again", path)
+            return None
+        if not _starts_from(first, graph):
+            log.warning("%s: starts from another structure; relaxing it again", path)
             return None
         return Frame(
             index=-1,
@@ -124,6 +129,14 @@ class _Open:
         atoms.calc = SinglePointCalculator(atoms, energy=frame.energy, forces=frame.forces)
         self.writer.write(atoms)
         self.frames_written += 1
+
+
+def _starts_from(first: Atoms, graph: AtomicGraph) -> bool:
+    """Whether a trajectory's first frame is ``graph`` (elements and positions to 1e-5 A)."""
+    numbers = graph.atomic_numbers.cpu().numpy()
+    if len(first) != len(numbers) or not np.array_equal(first.numbers, numbers):
+        return False
+    return bool(np.allclose(first.positions, graph.pos.detach().cpu().double().numpy(), atol=1e-5))
 
 
 def _atoms_template(graph: AtomicGraph) -> Atoms:

@@ -17,7 +17,15 @@ from catforge.checkpoint import save_checkpoint
 from catforge.config import Config
 from catforge.data.graph import AtomicGraph
 from catforge.data.samplers import ShardedBatchSampler, balance_weights, epoch_seed
-from catforge.distributed import all_reduce_max, all_reduce_sum, get_rank, get_world_size, is_main
+from catforge.distributed import (
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    get_rank,
+    get_world_size,
+    is_main,
+)
+from catforge.errors import ConfigError
 from catforge.evaluate import evaluate, output_totals
 from catforge.loggers import RunLogger
 from catforge.metrics import (
@@ -108,6 +116,11 @@ class Trainer:
         )
         self.val_loader = None if val_set is None else build_eval_loader(config, val_set)
         self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"the training set has {len(train_set)} structures, too few for one step of "
+                f"{self.world_size} processes; use more data or fewer processes"
+            )
         self.total_steps = optim.max_steps or (optim.max_epochs or 1) * self.steps_per_epoch
         self.eval_every = optim.eval_every or self.steps_per_epoch
         self.checkpoint_every = optim.checkpoint_every or self.eval_every
@@ -150,6 +163,9 @@ class Trainer:
         step = int(state.get("step", 0))
         if "batch_in_epoch" in state:
             epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
+            saved_steps = int(state.get("steps_per_epoch") or self.steps_per_epoch)
+            if saved_steps != self.steps_per_epoch:  # another global batch size (e.g. more ranks)
+                batch = round(batch * self.steps_per_epoch / saved_steps)
         else:  # OCP checkpoints: a (possibly fractional) epoch only
             epoch, batch = divmod(step, self.steps_per_epoch)
         same_metric = state.get("primary_metric", self.primary) == self.primary
@@ -206,9 +222,7 @@ class Trainer:
                     self._save_training(last_val)
                 if self._stop_requested():
                     bar.close()
-                    raise Preempted(
-                        self._save_training(last_val) or self._checkpoint_path, state.step
-                    )
+                    raise self._preempted(last_val)
                 if done:
                     break
         bar.close()
@@ -328,6 +342,13 @@ class Trainer:
             "best_val_metric": self.state.best_metric,
             "primary_metric": self.primary,
         }
+
+    def _preempted(self, val_metrics: dict[str, float]) -> Preempted:
+        """Write the checkpoint of this step (rank 0) and wait until it is on disk."""
+        log.warning("stop requested: writing a checkpoint at step %d", self.state.step)
+        saved = self._save_training(val_metrics) or self._checkpoint_path
+        barrier()  # no rank exits (and makes a launcher kill rank 0) before the file is written
+        return Preempted(saved, self.state.step)
 
     def _stop_requested(self) -> bool:
         """Whether any rank received a stop signal (all ranks agree)."""
