@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,12 +27,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo" / "s2ef_schnet.yml"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def train_command(
@@ -54,7 +47,7 @@ def train_command(
         return [sys.executable, *main]
     backend = "nccl" if args.cuda else "gloo"
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-            f"--master_port={free_port()}", *main, "--distributed",
+            "--standalone", *main, "--distributed",
             f"--distributed-backend={backend}"]  # fmt: skip
 
 

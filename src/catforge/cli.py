@@ -165,6 +165,7 @@ def _run_in_process_group(options: RunOptions, make_config: Callable[[], Config]
         log.setLevel(logging.WARNING)
     try:
         run(make_config())
+        distributed.barrier()  # every rank is done (rank 0's files written) before the group goes
     except Preempted as stop:
         print(
             f"catforge: {stop}; resume with --checkpoint {stop.checkpoint} "
