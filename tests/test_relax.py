@@ -207,3 +207,15 @@ def test_trained_model_steps_equal_ase_lbfgs_through_the_calculator() -> None:
     for step, (mine, theirs) in enumerate(zip(ours, ase_positions, strict=True)):
         np.testing.assert_allclose(mine, theirs, atol=1e-6, err_msg=f"step {step}")
     assert not np.allclose(ours[-1], ours[0])
+
+
+def test_relaxation_and_calculator_never_import_training() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, catforge.relax.run, catforge.calculator; "
+        "print([m for m in sys.modules if m.startswith('catforge.training')])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
