@@ -40,18 +40,24 @@ def _where(source: str) -> str:
     return f"{source}: " if source else ""
 
 
+def _section(
+    value: object, path: str, source: str, expected: str = "a mapping (a section of keys)"
+) -> dict[str, Any]:
+    """A config section as a new dict (None is empty); anything but a mapping is an error."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise type_error(path, expected, value, source)
+    return dict(value)
+
+
 def move_relax_keys(raw: Mapping[str, Any], source: str = "") -> dict[str, Any]:
     """Top-level IS2RS keys moved under ``task:`` (with a warning); a key in both is an error."""
     moved = [key for key in RELAX_KEYS if key in raw]
     out = dict(raw)
     if not moved:
         return out
-    task = out.get("task")
-    if task is None:
-        task = {}
-    if not isinstance(task, Mapping):
-        raise type_error("task", "a mapping (a section of keys)", task, source)
-    task = dict(task)
+    task = _section(out.get("task"), "task", source)
     for key in moved:
         if key in task:
             raise ConfigError(
@@ -124,11 +130,7 @@ def normalize_optim(
     source: str = "",
 ) -> dict[str, Any]:
     """The ``optim`` section in canonical form; ``fields`` are OptimConfig's field names."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise type_error("optim", "a mapping (a section of keys)", raw, source)
-    optim = dict(raw)
+    optim = _section(raw, "optim", source)
     if "num_gpus" in optim:
         log.warning(
             "%soptim.num_gpus (OCP T0's in-process DataParallel) is ignored; use --num-gpus",
@@ -170,12 +172,7 @@ def _move_scheduler_kwargs(
         optim["scheduler"] = name = "Null"
     if name == "LambdaLR":  # OCP's default schedule spelled out: warmup + milestones
         optim["scheduler"] = name = None
-    params = optim.get("scheduler_params")
-    if params is None:
-        params = {}
-    if not isinstance(params, Mapping):
-        raise type_error("optim.scheduler_params", "a mapping", params, source)
-    params = dict(params)
+    params = _section(optim.get("scheduler_params"), "optim.scheduler_params", source, "a mapping")
     if not isinstance(name, str) or name == "Null":
         if params:
             raise ConfigError(
