@@ -9,6 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
+
 
 @contextmanager
 def atomic_write(path: Path) -> Iterator[BinaryIO]:
@@ -33,4 +35,11 @@ def write_json(path: Path, data: Any, *, indent: int | None = None) -> Path:
     text = json.dumps(data, indent=indent) + ("\n" if indent is not None else "")
     with atomic_write(path) as handle:
         handle.write(text.encode())
+    return path
+
+
+def write_npz(path: Path, **arrays: np.ndarray) -> Path:
+    """``arrays`` as a compressed ``.npz`` in ``path``, written atomically; returns ``path``."""
+    with atomic_write(path) as handle:
+        np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
     return path

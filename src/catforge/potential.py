@@ -46,15 +46,22 @@ def build_model(config: Config) -> ForceModel:
     return model
 
 
+def element_references(config: Config) -> ElementReferences | None:
+    """The references of ``task.element_references`` when it names a file (not None or fit)."""
+    setting = config.task.element_references
+    if setting is None or setting == "fit":
+        return None
+    return ElementReferences.from_file(setting)
+
+
 def config_transform(config: Config) -> TargetTransform:
     """The normalisers written in the config (``dataset.train``), without fitting anything."""
     field = energy_field(config)
-    setting = config.task.element_references
-    if setting == "fit":
+    if config.task.element_references == "fit":
         raise ConfigError(
             "task.element_references: fit needs the training set; give a file of references"
         )
-    references = None if setting is None else ElementReferences.from_file(setting)
+    references = element_references(config)
     entry = config.dataset.train
     if entry is None or not entry.normalize_labels:
         return TargetTransform(None, None, references, field)

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from catforge.atomic import atomic_write, write_json
+from catforge.atomic import write_json, write_npz
 from catforge.config import Config
 from catforge.data.graph import AtomicGraph
 from catforge.data.samplers import shard_start
@@ -72,6 +72,17 @@ class Predictions:
             return cls(ids, energy)
         system_forces = [block for part in parts for block in part.system_forces or []]
         free = [block for part in parts for block in part.free_forces()]
+        return cls.with_free_forces(ids, energy, system_forces, free)
+
+    @classmethod
+    def with_free_forces(
+        cls,
+        ids: list[str],
+        energy: np.ndarray,
+        system_forces: list[np.ndarray],
+        free: list[np.ndarray],
+    ) -> Predictions:
+        """S2EF predictions from each system's all-atom and free-atom force blocks."""
         counts = np.array([len(block) for block in free], dtype=np.int64)
         return cls(
             ids,
@@ -143,14 +154,7 @@ class _Parts:
         if not with_forces:
             return Predictions(self.ids, energy)
         free = [f[mask] for f, mask in zip(self.system_forces, self.free_masks, strict=True)]
-        counts = np.array([len(block) for block in free], dtype=np.int64)
-        return Predictions(
-            self.ids,
-            energy,
-            forces=np.concatenate(free) if free else np.zeros((0, 3)),
-            chunk_idx=np.cumsum(counts)[:-1],
-            system_forces=self.system_forces,
-        )
+        return Predictions.with_free_forces(self.ids, energy, self.system_forces, free)
 
 
 def _per_system(values: torch.Tensor, batch: AtomicGraph) -> list[np.ndarray]:
@@ -188,8 +192,7 @@ def write_predictions(
     json_path = results_dir / "predictions.json"
     npz_path = results_dir / f"{task}_predictions.npz"
     write_json(json_path, _json_records(arrays))
-    with atomic_write(npz_path) as handle:
-        np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
+    write_npz(npz_path, **arrays)
     return [json_path, npz_path]
 
 

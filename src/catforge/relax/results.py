@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from catforge.atomic import atomic_write, write_json
+from catforge.atomic import write_json, write_npz
 from catforge.data.collate import collate
 from catforge.data.graph import AtomicGraph
 from catforge.errors import DataError
@@ -53,7 +53,7 @@ def write_relaxation_files(
     natoms = np.array([len(result.final.positions) for result in results], dtype=np.int64)
     positions = [result.final.positions for result in results]
     paths.append(
-        _write_npz(
+        write_npz(
             results_dir / "relaxed_positions.npz",
             ids=np.array(ids, dtype=str),
             pos=np.concatenate(positions) if positions else np.zeros((0, 3)),
@@ -61,7 +61,7 @@ def write_relaxation_files(
         )
     )
     paths.append(
-        _write_npz(
+        write_npz(
             results_dir / "relaxed_energies.npz",
             ids=np.array(ids, dtype=str),
             energy=np.array([result.final.energy for result in results], dtype=np.float64),
@@ -98,9 +98,3 @@ def convergence_summary(results: Sequence[RelaxResult]) -> dict[str, float]:
         "converged_fraction": float(np.mean([result.converged for result in results])),
         "mean_steps": float(np.mean([result.steps for result in results])),
     }
-
-
-def _write_npz(path: Path, **arrays: np.ndarray) -> Path:
-    with atomic_write(path) as handle:
-        np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
-    return path

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
-from ase.io import read
 from ase.io.trajectory import Trajectory
 from ase.io.trajectory import TrajectoryWriter as AseTrajectoryWriter
 
@@ -88,7 +87,8 @@ class TrajectoryWriter:
         if not path.is_file():
             return None
         try:
-            first, atoms = read(path, index=0), read(path, index=-1)
+            with Trajectory(str(path)) as frames:
+                first, atoms = frames[0], frames[-1]
         except Exception as error:  # a damaged file is relaxed again, not fatal
             log.warning("%s: unreadable trajectory (%s); relaxing it again", path, error)
             return None

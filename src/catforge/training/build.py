@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -15,10 +14,10 @@ from catforge.data.graph import AtomicGraph
 from catforge.data.samplers import ShardedEvalSampler
 from catforge.distributed import get_rank, get_world_size
 from catforge.errors import ConfigError
-from catforge.potential import config_transform, energy_field, with_forces
+from catforge.potential import config_transform, element_references, energy_field, with_forces
 from catforge.preemption import STOP_SIGNALS
 from catforge.registry import dataset_factories, lookup
-from catforge.targets import ElementReferences, Normalizer, TargetTransform
+from catforge.targets import Normalizer, TargetTransform
 from catforge.training.label_stats import fit_statistics
 
 log = logging.getLogger(__name__)
@@ -81,8 +80,6 @@ def build_eval_loader(config: Config, dataset: Dataset[AtomicGraph]) -> DataLoad
 
 def build_transform(config: Config, train: Dataset[AtomicGraph] | None) -> TargetTransform:
     """Label normalisers and element references from the config, fitted on ``train`` if missing."""
-    field = energy_field(config)
-    references = _element_references(config.task.element_references)
     entry = config.dataset.train
     normalize = entry is not None and entry.normalize_labels
     needs_fit = config.task.element_references == "fit" or (
@@ -91,11 +88,12 @@ def build_transform(config: Config, train: Dataset[AtomicGraph] | None) -> Targe
     if needs_fit:
         if train is None:
             raise ConfigError("normalisation statistics are missing and there is no training set")
+        field = energy_field(config)
         stats = fit_statistics(
             train,
             field,
             with_forces=with_forces(config),
-            element_references=references,
+            element_references=element_references(config),
             fit_references=config.task.element_references == "fit",
         )
         log.info(
@@ -104,13 +102,6 @@ def build_transform(config: Config, train: Dataset[AtomicGraph] | None) -> Targe
             stats.target_mean,
             stats.target_std,
         )
-        references = stats.element_references
         target = Normalizer(stats.target_mean, stats.target_std) if normalize else Normalizer()
-        return TargetTransform(target, None, references, field)
+        return TargetTransform(target, None, stats.element_references, field)
     return config_transform(config)
-
-
-def _element_references(setting: str | Path | None) -> ElementReferences | None:
-    if setting is None or setting == "fit":
-        return None
-    return ElementReferences.from_file(setting)
