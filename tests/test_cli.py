@@ -56,3 +56,45 @@ def test_errors_are_one_line_with_status_2(tmp_path: Path) -> None:
     ingest = run(sys.executable, str(ROOT / "main.py"), "data", "ingest", "--task", "s2ef",
                  "--out", "out", str(tmp_path), cwd=tmp_path)  # fmt: skip
     assert ingest.returncode == 2 and "Traceback" not in ingest.stderr
+
+
+def _train_argv(demo: Path, tmp_path: Path, *extra: str) -> list[str]:
+    from tests.factories import SMALL_MODEL, data_overrides
+
+    config = ROOT / "configs" / "demo" / "s2ef_schnet.yml"
+    return ["--mode", "train", "--config-yml", str(config), *data_overrides(demo, "s2ef"),
+            *SMALL_MODEL, "--cpu", "--run-dir", str(tmp_path), *extra]  # fmt: skip
+
+
+def test_override_with_a_separate_value_trains(demo: Path, tmp_path: Path) -> None:
+    """``--optim.max_steps 2`` (as ``config show`` accepts it) works for ``--mode train``."""
+    from catforge import cli
+
+    assert cli.main(_train_argv(demo, tmp_path, "--optim.max_steps", "2", "--debug")) == 0
+
+
+def test_flags_that_would_be_ignored_are_reported(
+    demo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from catforge import cli
+
+    argv = _train_argv(demo, tmp_path, "--optim.max_steps=1", "--num-gpus", "2", "--amp")
+    assert cli.main([*argv, "--debug"]) == 0
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any("--num-gpus 2 is ignored without --distributed" in line for line in warnings)
+    assert any("--amp is ignored on cpu" in line for line in warnings)
+
+
+def test_resuming_a_finished_run_says_so(
+    demo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from catforge import cli
+
+    assert cli.main(_train_argv(demo, tmp_path, "--optim.max_steps=2", "--timestamp-id=done")) == 0
+    checkpoint = tmp_path / "checkpoints" / "done" / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+    caplog.clear()
+    resume = _train_argv(demo, tmp_path, "--optim.max_steps=2", f"--checkpoint={checkpoint}")
+    assert cli.main(resume) == 0
+    assert any("nothing to train" in record.getMessage() for record in caplog.records)
+    assert checkpoint.read_bytes() == before

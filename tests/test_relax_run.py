@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from ase import Atoms
 from ase.io import read
 
 from catforge.checkpoint import save_checkpoint
 from catforge.cli import main
 from catforge.config import load_config
-from catforge.data.lmdb import LmdbDataset
+from catforge.data.lmdb import LmdbDataset, write_lmdb
 from catforge.potential import Potential, build_model
+from catforge.relax import run as relax_run
+from catforge.relax.driver import RelaxResult
 from catforge.targets import Normalizer, TargetTransform
 from tests.factories import SMALL_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo" / "is2rs_schnet.yml"
+IS2RE_CONFIG = ROOT / "configs" / "demo" / "is2re_schnet.yml"
 
 
 @dataclass(frozen=True)
@@ -43,17 +53,32 @@ class Setup:
         return self.run_dir / "results" / timestamp
 
 
-@pytest.fixture
-def setup(demo: Path, tmp_path: Path) -> Setup:
-    """A random small S2EF model with non-trivial normalisers, saved like the trainer does."""
-    config = load_config(CONFIG, SMALL_MODEL)
-    torch.manual_seed(0)
+def save_model(path: Path, seed: int = 0, config_file: Path = CONFIG) -> Path:
+    """A random small model of ``config_file`` with non-trivial normalisers, saved like the
+    trainer does."""
+    config = load_config(config_file, SMALL_MODEL)
+    torch.manual_seed(seed)
     model = build_model(config)
     transform = TargetTransform(Normalizer(-0.3, 0.5))
-    checkpoint = tmp_path / "checkpoint.pt"
     state = {"state_dict": model.state_dict(), "normalizers": transform.state_dict()}
-    save_checkpoint({**state, "config": config.to_dict()}, checkpoint)
+    save_checkpoint({**state, "config": config.to_dict()}, path)
+    return path
+
+
+@pytest.fixture
+def setup(demo: Path, tmp_path: Path) -> Setup:
+    """A random small S2EF model and the two demo IS2RE validation structures."""
+    checkpoint = save_model(tmp_path / "checkpoint.pt")
     return Setup(checkpoint, demo / "is2re" / "val" / "data.lmdb", tmp_path / "run")
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``, by relative path."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def test_outputs_trajectories_and_metrics(setup: Setup) -> None:
@@ -133,13 +158,10 @@ def test_rerun_skips_completed_trajectories(setup: Setup, caplog: pytest.LogCapt
         np.load(setup.results("swapped") / "relaxed_energies.npz") as swapped,
     ):
         np.testing.assert_allclose(swapped["energy"], first["energy"], atol=1e-5)
-    stamps[other] = other.stat().st_mtime_ns
-    # Other settings: the trajectories are stale, every structure is relaxed again.
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="catforge.relax.run"):
-        assert main(setup.argv("--task.relax_opt.maxstep=0.03", timestamp="third")) == 0
-    assert "already relaxed" not in caplog.text
-    assert all(path.stat().st_mtime_ns != stamps[path] for path in traj if path != redo)
+    # Other settings: refused like another model, nothing replaced.
+    before = hashes(setup.run_dir / "traj")
+    assert main(setup.argv("--task.relax_opt.maxstep=0.03", timestamp="third")) == 2
+    assert hashes(setup.run_dir / "traj") == before
 
 
 def test_first_and_last_frames_only(setup: Setup) -> None:
@@ -194,3 +216,184 @@ def test_errors(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
     assert "--checkpoint" in capsys.readouterr().err
     assert main([*setup.argv(), "--task.relax_opt.memory=0"]) == 2
     assert "memory" in capsys.readouterr().err
+
+
+def test_second_model_neither_replaces_nor_mixes_with_the_first(
+    setup: Setup,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    traj = setup.run_dir / "traj"
+    assert main(setup.argv(timestamp="first")) == 0
+    first = hashes(traj)
+    assert len(first) == 2
+    stale = traj / "999.traj_tmp"  # left by a killed run: removed when the next one starts
+    stale.write_bytes(b"partial")
+    capsys.readouterr()
+    other = save_model(tmp_path / "other.pt", seed=1)
+    second = Setup(other, setup.relax_set, setup.run_dir)
+    assert main(second.argv(timestamp="second")) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"{traj}: holds 2 finished trajectories of another model" in err
+    assert str(setup.checkpoint) in err and "use another task.relax_opt.traj_dir" in err
+    assert hashes(traj) == {**first, "999.traj_tmp": hashlib.sha256(b"partial").hexdigest()}
+    assert not second.results("second").exists()
+    # In its own folder the second model relaxes everything and the first's files stay.
+    elsewhere = f"--task.relax_opt.traj_dir={tmp_path / 'other_traj'}"
+    assert main(second.argv(elsewhere, timestamp="second")) == 0
+    assert len(list((tmp_path / "other_traj").glob("*.traj"))) == 2
+    assert hashes(traj) == {**first, "999.traj_tmp": hashlib.sha256(b"partial").hexdigest()}
+    # The first model's rerun still resumes: nothing relaxed again, the stale file removed.
+    with caplog.at_level(logging.INFO, logger="catforge.relax"):
+        assert main(setup.argv(timestamp="third")) == 0
+    assert "2 of 2 structures already relaxed" in caplog.text
+    assert hashes(traj) == first
+    with (
+        np.load(setup.results("first") / "relaxed_energies.npz") as a,
+        np.load(setup.results("third") / "relaxed_energies.npz") as b,
+    ):
+        np.testing.assert_array_equal(a["energy"], b["energy"])
+
+
+def test_trajectories_of_another_program_are_refused(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(setup.argv()) == 0
+    traj = setup.run_dir / "traj"
+    path = sorted(traj.glob("*.traj"))[0]
+    atoms = read(path)
+    assert isinstance(atoms, Atoms)
+    atoms.info.clear()  # as OCP writes them: no relax tag
+    atoms.write(path)
+    capsys.readouterr()
+    before = hashes(traj)
+    assert main(setup.argv(timestamp="again")) == 2
+    err = capsys.readouterr().err
+    assert "holds 1 finished trajectories" in err and "written by another program" in err
+    assert hashes(traj) == before
+
+
+def test_energy_only_checkpoint_is_refused(
+    setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    is2re = save_model(tmp_path / "is2re.pt", config_file=IS2RE_CONFIG)
+    assert main(Setup(is2re, setup.relax_set, setup.run_dir).argv()) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{is2re}: this checkpoint serves IS2RE" in err and "relaxations need" in err
+    assert hashes(setup.run_dir) == {}  # no file written
+
+
+def test_empty_and_missing_relax_sets(
+    setup: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty.lmdb"
+    assert write_lmdb([], empty) == 0
+    assert main(setup.argv(f"--task.relax_dataset.src={empty}")) == 2
+    err = capsys.readouterr().err
+    assert f"task.relax_dataset.src: {empty} holds no structures" in err
+    missing = tmp_path / "missing.lmdb"
+    assert main(setup.argv(f"--task.relax_dataset.src={missing}")) == 2
+    err = capsys.readouterr().err
+    assert "task.relax_dataset.src" in err and str(missing) in err
+    assert hashes(setup.run_dir) == {}  # no file written
+
+
+def test_progress_lines_off_a_terminal(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(relax_run, "PROGRESS_EVERY", 0.0)  # a line before every step
+    with caplog.at_level(logging.INFO, logger="catforge.relax.run"):
+        argv = setup.argv("--task.relaxation_fmax=0", "--task.relaxation_steps=3")
+        assert main([*argv, "--optim.eval_batch_size=1"]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("relaxed ")]
+    assert lines[0].startswith("relaxed 0 of 2 structures (0 converged), ")
+    assert lines[-1].startswith("relaxed 1 of 2 structures (0 converged), ")
+    assert lines[-1].endswith(" structures/s")
+    assert len(lines) == 2 * 4  # 4 model calls per structure: 3 steps and the last forces
+
+
+def stop_after_first_structure(monkeypatch: pytest.MonkeyPatch, stop_signal: int) -> None:
+    """Send ``stop_signal`` to this process when the first structure finishes."""
+    finished = relax_run._Watched.finished
+
+    def finished_then_signal(self: relax_run._Watched, result: RelaxResult) -> None:
+        finished(self, result)
+        if self.done == 1:
+            os.kill(os.getpid(), stop_signal)
+
+    monkeypatch.setattr(relax_run._Watched, "finished", finished_then_signal)
+
+
+@pytest.mark.parametrize("traj_dir", [True, False])
+def test_ctrl_c_stops_after_the_current_step(
+    setup: Setup,
+    demo: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    traj_dir: bool,
+) -> None:
+    stop_after_first_structure(monkeypatch, signal.SIGINT)
+    train = demo / "is2re" / "train" / "data.lmdb"
+    argv = setup.argv(f"--task.relax_dataset.src={train}", "--optim.eval_batch_size=1")
+    if not traj_dir:
+        argv.append("--task.relax_opt.traj_dir=null")
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    stopped = "catforge: relaxations stopped by SIGINT (Ctrl-C) after 1 of 10 structures; "
+    if traj_dir:
+        traj = setup.run_dir / "traj"
+        assert stopped + f"finished trajectories are in {traj}; rerun the same command" in err
+        assert [path.suffix for path in traj.iterdir()] == [".traj"]
+    else:
+        assert stopped + "without task.relax_opt.traj_dir none of them was kept; " in err
+        assert "rerun the same command to start over" in err
+    assert "(exit status 130)" in err
+    assert not setup.results().exists()
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_finished_trajectories_and_the_rerun_completes(
+    setup: Setup, demo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    argv = setup.argv(
+        f"--task.relax_dataset.src={demo / 'is2re' / 'train' / 'data.lmdb'}",  # 10 structures
+        "--task.relaxation_fmax=0", "--task.relaxation_steps=25", "--optim.eval_batch_size=2",
+    )  # fmt: skip
+    traj = setup.run_dir / "traj"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), *argv], env=env, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(traj.glob("*.traj")):
+            assert process.poll() is None, "relaxations ended before the signal"
+            assert time.monotonic() < deadline, "no trajectory finished"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 75, err[-3000:]
+    finished = sorted(traj.glob("*.traj"))
+    assert 1 <= len(finished) < 10
+    assert "Traceback" not in err
+    assert (
+        f"catforge: relaxations stopped by SIGTERM after {len(finished)} of 10 structures; "
+        f"finished trajectories are in {traj}; rerun the same command to continue (finished "
+        "structures are skipped) (exit status 75)"
+    ) in err
+    assert not list(traj.glob("*.traj_tmp"))
+    assert not setup.results().exists()
+    stamps = {path: path.stat().st_mtime_ns for path in finished}
+    with caplog.at_level(logging.INFO, logger="catforge.relax.run"):
+        assert main(argv) == 0
+    assert f"{len(finished)} of 10 structures already relaxed" in caplog.text
+    assert all(path.stat().st_mtime_ns == stamps[path] for path in finished)
+    assert len(list(traj.glob("*.traj"))) == 10 and not list(traj.glob("*.traj_tmp"))
+    with np.load(setup.results() / "relaxed_energies.npz") as npz:
+        assert npz["steps"].tolist() == [25] * 10

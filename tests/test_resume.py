@@ -114,8 +114,70 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(demo: Path, tmp_path
     assert_same_weights(only_checkpoint_dir(tmp_path / "whole") / "checkpoint.pt", checkpoint)
     run_id = checkpoint.parent.name
     records = (tmp_path / "killed" / "results" / run_id / "metrics.jsonl").read_text()
-    train_steps = [json.loads(line)["step"] for line in records.splitlines()]
-    assert max(train_steps) == steps  # logs appended to the same run, at continuing steps
+    logged = [
+        (json.loads(line)["split"], json.loads(line)["step"]) for line in records.splitlines()
+    ]
+    assert max(step for _, step in logged) == steps  # appended to the same run, continuing steps
+    # The steps logged after the checkpoint by the killed process are not there twice.
+    assert len(logged) == len(set(logged)), sorted(logged)
+    whole_log = only_results_dir(tmp_path / "whole") / "metrics.jsonl"
+    whole_logged = [(json.loads(line)["split"], json.loads(line)["step"])
+                    for line in whole_log.read_text().splitlines()]  # fmt: skip
+    assert logged == whole_logged
+
+
+def only_results_dir(run_dir: Path) -> Path:
+    (folder,) = (run_dir / "results").iterdir()
+    return folder
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_and_the_resumed_run_matches(demo: Path, tmp_path: Path) -> None:
+    """SIGINT finishes the step, writes checkpoint.pt, prints the resume command, exits 130."""
+    steps = STEPS_PER_EPOCH + 6
+    command = [
+        sys.executable, str(ROOT / "main.py"), "--mode", "train", "--config-yml", str(S2EF_CONFIG),
+        *data_overrides(demo, "s2ef"), *SMALL_MODEL, f"--optim.max_steps={steps}",
+        "--optim.checkpoint_every=1000", "--cpu", "--print-every=1",
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    (tmp_path / "whole").mkdir()
+    whole = subprocess.run(command, cwd=tmp_path / "whole", env=env, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    (tmp_path / "stopped").mkdir()
+    stopped = subprocess.Popen(command, cwd=tmp_path / "stopped", env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        _wait_for_logged_step(tmp_path / "stopped", stopped, 3)
+        stopped.send_signal(signal.SIGINT)
+        _, stderr = stopped.communicate(timeout=120)
+    finally:
+        stopped.kill()
+    assert stopped.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    checkpoint = only_checkpoint_dir(tmp_path / "stopped") / "checkpoint.pt"
+    assert f"resume with --checkpoint {checkpoint.relative_to(tmp_path / 'stopped')}" in stderr
+    state = load_checkpoint(checkpoint)
+    assert 3 <= state["step"] < STEPS_PER_EPOCH  # mid-epoch: nothing else had written one
+
+    resume = subprocess.run([*command, "--checkpoint", str(checkpoint)], cwd=tmp_path / "stopped",
+                            env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    assert_same_weights(only_checkpoint_dir(tmp_path / "whole") / "checkpoint.pt", checkpoint)
+
+
+def _wait_for_logged_step(run_dir: Path, process: subprocess.Popen[str], step: int) -> None:
+    """Poll the run's metrics.jsonl until it logged train ``step``."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "training finished before it could be stopped"
+        for log in run_dir.glob("results/*/metrics.jsonl"):
+            if any(json.loads(line)["step"] >= step for line in log.read_text().splitlines()):
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} was never logged")
 
 
 def _wait_for_mid_epoch_checkpoint(run_dir: Path, process: subprocess.Popen[bytes]) -> Path:

@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from catforge.errors import CatforgeError
+from catforge.errors import CatforgeError, ConfigError
+from catforge.preemption import INTERRUPT_EXIT_CODE
 
 if TYPE_CHECKING:
     from catforge.config import Config, RunOptions
@@ -49,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     info = data_commands.add_parser("info", help="summarise an LMDB file or folder")
     info.add_argument("path", type=Path)
     info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    export = data_commands.add_parser("export", help="write an LMDB dataset in OCP's own format")
+    export.add_argument("src", type=Path, metavar="SRC", help="LMDB file or folder")
+    export.add_argument(
+        "--format", choices=("ocp",), required=True, help="ocp: pickled torch_geometric Data"
+    )
+    export.add_argument("--out", type=Path, required=True, help="output file or folder, as SRC")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return parser
 
 
@@ -75,6 +84,10 @@ def run_data_command(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
         )
         print(ingest_summary.format())
+    elif args.data_command == "export":
+        from catforge.data.export import export_ocp
+
+        print(export_ocp(args.src, args.out, overwrite=args.overwrite).format())
     else:
         from catforge.data.info import format_info, info
 
@@ -125,15 +138,11 @@ def run_ocp_command(argv: Sequence[str]) -> int:
     parser = build_ocp_parser()
     args, extra = parser.parse_known_args(argv)
     _configure_logging(args.verbose)
-    unknown = [arg for arg in extra if not (arg.startswith("--") and "." in arg.split("=")[0])]
-    if unknown:
-        parser.error(
-            f"unrecognized arguments: {' '.join(unknown)} "
-            "(config overrides look like --optim.lr_initial=0.001)"
-        )
-    from catforge.config import RunOptions, load_config
+    from catforge.config import RunOptions, load_config, parse_overrides
 
+    parse_overrides(extra)  # anything else than --a.b=VALUE / --a.b VALUE is refused here
     options = RunOptions.from_namespace(args)
+    check_flags(options)
     if options.submit:
         from catforge.slurm import submit
 
@@ -146,13 +155,20 @@ def run_ocp_command(argv: Sequence[str]) -> int:
 def _run_in_process_group(options: RunOptions, make_config: Callable[[], Config]) -> int:
     """Join the process group when launched as one of several processes, run, leave.
 
-    A run stopped by a signal exits with ``RESUME_EXIT_CODE`` after writing its checkpoint.
+    A run stopped by a signal exits with :func:`catforge.preemption.exit_status` after saving
+    its work.
     """
     from catforge import distributed
     from catforge.modes import run
-    from catforge.preemption import RESUME_EXIT_CODE, Preempted
+    from catforge.preemption import Preempted
 
     env = distributed.detect(options.local_rank, options.distributed_port, options.num_gpus)
+    if options.distributed and env.launcher == "single":
+        raise ConfigError(
+            "--distributed: no launcher started this process (no RANK/WORLD_SIZE from torchrun "
+            "or torch.distributed.launch, no Slurm task); run torchrun --nproc_per_node=N "
+            "main.py --distributed ..., or leave out --distributed"
+        )
     if env.launcher == "slurm" and not options.distributed:
         env = distributed.DistributedEnv(0, 0, 1, env.master_addr, env.master_port, "single")
     elif env.world_size > 1 and not options.distributed:
@@ -167,15 +183,29 @@ def _run_in_process_group(options: RunOptions, make_config: Callable[[], Config]
         run(make_config())
         distributed.barrier()  # every rank is done (rank 0's files written) before the group goes
     except Preempted as stop:
-        print(
-            f"catforge: {stop}; resume with --checkpoint {stop.checkpoint} "
-            f"(exit status {RESUME_EXIT_CODE})",
-            file=sys.stderr,
-        )
-        return RESUME_EXIT_CODE
+        resume = f"; {stop.resume}" if stop.resume else ""
+        print(f"catforge: {stop}{resume} (exit status {stop.exit_status})", file=sys.stderr)
+        return stop.exit_status
     finally:
         distributed.cleanup()
     return 0
+
+
+def check_flags(options: RunOptions) -> None:
+    """Refuse flags that cannot work together; warn about flags that would be ignored."""
+    if options.print_every < 1:
+        raise ConfigError(f"--print-every must be at least 1 (steps), got {options.print_every}")
+    if options.sweep_yml is not None and not options.submit:
+        raise ConfigError(
+            "--sweep-yml runs a grid of Slurm jobs and needs --submit; run one config without it"
+        )
+    if options.num_gpus != 1 and not (options.distributed or options.submit):
+        log.warning(
+            "--num-gpus %d is ignored without --distributed: start one process per GPU with "
+            "torchrun --nproc_per_node=%d main.py --distributed ...",
+            options.num_gpus,
+            options.num_gpus,
+        )
 
 
 def run_config_command(argv: Sequence[str]) -> None:
@@ -218,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CatforgeError as error:
         print(f"catforge: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside training (which checkpoints), or a second Ctrl-C
+        print("catforge: interrupted (Ctrl-C); the current step was not saved", file=sys.stderr)
+        return INTERRUPT_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -17,3 +17,7 @@ class DataError(CatforgeError):
 
 class CheckpointError(CatforgeError):
     """A checkpoint is missing, corrupt or does not fit the model."""
+
+
+class OutputError(CatforgeError):
+    """An output file or folder cannot be written (no space left, no permission)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 
 import torch
 from torch import Tensor
@@ -11,6 +11,7 @@ from catforge.data.graph import AtomicGraph
 from catforge.distributed import all_reduce_sum, broadcast_object, gather_objects, get_world_size
 from catforge.metrics import MetricTotals, energy_totals, force_totals
 from catforge.models.forces import ForceModel
+from catforge.progress import progress
 from catforge.targets import TargetTransform
 
 
@@ -72,8 +73,9 @@ def evaluate(
     was_training = model.training
     model.eval()
     totals = MetricTotals()
+    total = len(batches) if isinstance(batches, Sized) else None
     try:
-        for batch in batches:
+        for batch in progress(batches, total=total, desc="validate"):
             batch = batch.to(device)
             totals = totals + batch_totals(
                 model,

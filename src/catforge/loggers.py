@@ -1,4 +1,12 @@
-"""Run logging: TensorBoard scalars and the same metrics as JSON lines, on the main process only."""
+"""Run logging: TensorBoard scalars and the same metrics as JSON lines, on the main process only.
+
+Files are created by the first record, so a run that fails before logging anything leaves no
+empty event file behind. A resumed run (``resume_step``) continues the same logs without
+duplicates: JSONL records past the checkpoint's step (written after it, then lost with the
+interrupted run) are dropped from ``metrics.jsonl`` when the file is opened, and TensorBoard
+hides its events from that step on (``SummaryWriter(purge_step=...)``). Each record carries its
+``step``, so readers can also tell the steps apart themselves.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +15,30 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
+
+from catforge.atomic import write_bytes
 
 
 class RunLogger:
     """Write ``split/name`` scalars to TensorBoard and one JSON object per call to a JSONL file.
 
     A disabled logger (non-main ranks, ``--debug``) accepts every call and writes nothing.
+    ``resume_step``: the step of the checkpoint a resumed run continues from.
     """
 
-    def __init__(self, tensorboard_dir: Path | None, jsonl_path: Path | None) -> None:
+    def __init__(
+        self,
+        tensorboard_dir: Path | None,
+        jsonl_path: Path | None,
+        *,
+        resume_step: int | None = None,
+    ) -> None:
+        self._tensorboard_dir = tensorboard_dir
+        self._jsonl_path = jsonl_path
+        self._resume_step = resume_step
         self._writer: Any = None
-        if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            tensorboard_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(str(tensorboard_dir))
-        self._jsonl = None
-        if jsonl_path is not None:
-            jsonl_path.parent.mkdir(parents=True, exist_ok=True)
-            self._jsonl = jsonl_path.open("a", encoding="utf-8")
+        self._jsonl: IO[str] | None = None
 
     @classmethod
     def disabled(cls) -> RunLogger:
@@ -34,14 +46,33 @@ class RunLogger:
 
     def log(self, metrics: Mapping[str, float], *, step: int, split: str, epoch: float) -> None:
         """Record ``metrics`` of ``split`` ("train", "val", ...) at the global ``step``."""
-        if self._writer is not None:
+        writer = self._tensorboard()
+        if writer is not None:
             for name, value in metrics.items():
-                self._writer.add_scalar(f"{split}/{name}", value, global_step=step)
-        if self._jsonl is not None:
+                writer.add_scalar(f"{split}/{name}", value, global_step=step)
+        jsonl = self._jsonl_file()
+        if jsonl is not None:
             record = {"split": split, "step": step, "epoch": round(epoch, 6)}
             record.update({name: _json_number(value) for name, value in metrics.items()})
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
+            jsonl.write(json.dumps(record) + "\n")
+            jsonl.flush()
+
+    def _tensorboard(self) -> Any:
+        if self._writer is None and self._tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tensorboard_dir.mkdir(parents=True, exist_ok=True)
+            purge = None if self._resume_step is None else self._resume_step + 1
+            self._writer = SummaryWriter(str(self._tensorboard_dir), purge_step=purge)
+        return self._writer
+
+    def _jsonl_file(self) -> IO[str] | None:
+        if self._jsonl is None and self._jsonl_path is not None:
+            if self._resume_step is not None:
+                drop_records_after(self._jsonl_path, self._resume_step)
+            self._jsonl_path.parent.mkdir(parents=True, exist_ok=True)
+            self._jsonl = self._jsonl_path.open("a", encoding="utf-8")
+        return self._jsonl
 
     def close(self) -> None:
         if self._writer is not None:
@@ -61,6 +92,29 @@ class RunLogger:
         traceback: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def drop_records_after(path: Path, step: int) -> int:
+    """Remove the JSONL records of ``path`` whose ``step`` is above ``step`` (atomically).
+
+    Lines that are not JSON records (a torn last line of a killed run) are dropped too. Returns
+    how many lines were removed.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record_step = json.loads(line).get("step", 0)
+        except (json.JSONDecodeError, AttributeError):
+            record_step = None
+        if isinstance(record_step, int) and record_step <= step:
+            kept.append(line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        write_bytes(path, "".join(kept).encode("utf-8"))
+    return dropped
 
 
 def _json_number(value: float) -> float | None:

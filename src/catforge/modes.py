@@ -1,7 +1,13 @@
-"""The run modes of ``main.py --mode``: short functions over objects built from the config."""
+"""The run modes of ``main.py --mode``: short functions over objects built from the config.
+
+Every mode first reserves its run folders (:meth:`catforge.runs.RunPaths.reserve`: a unique id
+taken at the start) and stores the id in ``config.options.timestamp_id``; a mode that fails
+before writing anything removes the folders it created.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,48 +22,68 @@ from catforge.errors import CheckpointError, ConfigError
 from catforge.evaluate import evaluate
 from catforge.loggers import RunLogger
 from catforge.metrics import format_metrics_table
-from catforge.potential import build_model, load_model, load_transform, pick_device, with_forces
+from catforge.potential import (
+    Potential,
+    build_model,
+    check_checkpoint_task,
+    pick_device,
+    with_forces,
+)
 from catforge.predict import run_predict
 from catforge.preemption import stop_requests
 from catforge.relax.run import run_relaxations
 from catforge.runs import RunPaths
-from catforge.training.build import build_dataset, build_eval_loader
+from catforge.training.build import build_dataset, build_eval_loader, check_labels
 from catforge.training.resume import report_config_diff
 from catforge.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
+MODES = ("train", "validate", "predict", "run-relaxations")
+
 
 def run(config: Config) -> dict[str, float]:
     """Dispatch on ``config.options.mode``; returns the metrics the mode produced."""
     mode = config.options.mode
+    if mode not in MODES:
+        raise ConfigError(f"unknown --mode {mode}; use {', '.join(MODES)}")
     torch.manual_seed(config.options.seed)
-    if mode == "train":
-        return train(config)
-    if mode == "validate":
-        return validate(config)
-    if mode == "predict":
-        run_predict(config)
-        return {}
-    if mode == "run-relaxations":
+    resume = _resume_state(config) if mode == "train" else None
+    paths = _reserve(config, resume)
+    config = dataclasses.replace(
+        config, options=dataclasses.replace(config.options, timestamp_id=paths.timestamp_id)
+    )
+    try:
+        if mode == "train":
+            return train(config, paths, resume)
+        if mode == "validate":
+            return validate(config)
+        if mode == "predict":
+            run_predict(config)
+            return {}
         return run_relaxations(config)
-    raise ConfigError(f"unknown --mode {mode}; use train, validate, predict or run-relaxations")
+    except BaseException:
+        paths.remove_empty(config.options.run_dir)
+        raise
 
 
-def train(config: Config) -> dict[str, float]:
+def train(
+    config: Config, paths: RunPaths, resume: dict[str, Any] | None = None
+) -> dict[str, float]:
     """``--mode train``: fit the model, evaluate on val, write checkpoints, logs and metrics.
 
-    With ``--checkpoint CKPT`` the run continues exactly where CKPT stopped, in the same run
-    folders; ``optim.init_from`` starts a new run from a checkpoint's weights only.
+    With ``--checkpoint CKPT`` (``resume``, its state) the run continues exactly where CKPT
+    stopped, in the same run folders; ``optim.init_from`` starts a new run from a checkpoint's
+    weights only. Ctrl-C or a cluster's stop signal ends training after the current step with a
+    checkpoint (:mod:`catforge.preemption`).
     """
-    resume = _resume_state(config)
-    paths = _train_paths(config, resume)
     writes = not config.options.debug and is_main()
-    if writes:
-        paths.make()
-    train_set = build_dataset(config, config.dataset.split("train"))
+    train_set = build_dataset(config, config.dataset.split("train"), "train")
     val_entry = config.dataset.val
-    val_set = None if val_entry is None else build_dataset(config, val_entry)
+    val_set = None if val_entry is None else build_dataset(config, val_entry, "val")
+    check_labels(config, train_set, "train")
+    if val_set is not None:
+        check_labels(config, val_set, "val")
     model = build_model(config)
     if resume is not None:
         load_weights(model, resume["state_dict"], str(config.options.checkpoint))
@@ -65,21 +91,22 @@ def train(config: Config) -> dict[str, float]:
         init = load_checkpoint(config.optim.init_from)
         load_weights(model, init["state_dict"], str(config.optim.init_from))
         log.info("fine-tuning from the weights of %s", config.optim.init_from)
+    resume_step = None if resume is None else int(resume.get("step", 0))
     logger = (
-        RunLogger(paths.logs_dir, paths.results_dir / "metrics.jsonl")
+        RunLogger(paths.logs_dir, paths.results_dir / "metrics.jsonl", resume_step=resume_step)
         if writes
         else RunLogger.disabled()
     )
     device = pick_device(config.options.cpu)
-    with logger, stop_requests() as stop:
-        trainer = Trainer(config, model, train_set, val_set, paths, device, logger, resume, stop)
-        metrics = trainer.train()
-    if not is_main():
-        return metrics
-    if metrics:
-        print(format_metrics_table(metrics))
+    with logger:
+        trainer = Trainer(config, model, train_set, val_set, paths, device, logger, resume)
+        with stop_requests() as trainer.stop:
+            metrics = trainer.train()
     if writes:
+        best = paths.checkpoint_dir / "best_checkpoint.pt"
         print(f"checkpoint: {paths.checkpoint_dir / 'checkpoint.pt'}")
+        if best.is_file():
+            print(f"best checkpoint ({trainer.primary}): {best}")
         print(f"tensorboard logs: {paths.logs_dir}")
         print(f"metrics log: {paths.results_dir / 'metrics.jsonl'}")
     return metrics
@@ -95,41 +122,42 @@ def _resume_state(config: Config) -> dict[str, Any] | None:
             f"{config.options.checkpoint}: holds weights only (no optimizer state), so training "
             "cannot resume from it; use optim.init_from to fine-tune from these weights"
         )
+    check_checkpoint_task(state, config.options.checkpoint, config.trainer, "this training")
     report_config_diff(state.get("config"), config.to_dict())
     return state
 
 
-def _train_paths(config: Config, resume: dict[str, Any] | None) -> RunPaths:
-    """The run folders: ``--timestamp-id``, else the resumed run's own id, else a new one."""
+def _reserve(config: Config, resume: dict[str, Any] | None) -> RunPaths:
+    """The run folders: a resumed run's own id (or ``--timestamp-id``), else a new run's."""
     options = config.options
-    timestamp_id = options.timestamp_id
-    if timestamp_id is None and resume is not None:
-        timestamp_id = resume.get("run_id") or Path(str(options.checkpoint)).resolve().parent.name
-    return RunPaths.for_config(config, timestamp_id)
+    if resume is None:
+        return RunPaths.reserve(config, fresh=options.mode == "train")
+    run_id = options.timestamp_id
+    if run_id is None:
+        run_id = resume.get("run_id") or Path(str(options.checkpoint)).resolve().parent.name
+    return RunPaths.reserve(config, run_id)
 
 
 def validate(config: Config) -> dict[str, float]:
     """``--mode validate --checkpoint CKPT``: metrics of the val set, printed and saved as JSON."""
     if config.options.checkpoint is None:
         raise ConfigError("--mode validate needs --checkpoint CKPT")
-    checkpoint = load_checkpoint(config.options.checkpoint)
-    model = load_model(config, checkpoint, config.options.checkpoint)
-    transform = load_transform(config, checkpoint)
-    val_set = build_dataset(config, config.dataset.split("val"))
-    loader = build_eval_loader(config, val_set)
     device = pick_device(config.options.cpu)
+    purpose = f"{config.task_name.upper()} metrics"
+    potential = Potential.for_task(config, config.options.checkpoint, purpose, device)
+    val_set = build_dataset(config, config.dataset.split("val"), "val")
+    check_labels(config, val_set, "val")
+    loader = build_eval_loader(config, val_set)
     totals = evaluate(
-        model.to(device), loader, transform, device, with_forces=with_forces(config),
+        potential.model, loader, potential.transform, device, with_forces=with_forces(config),
         eval_on_free_atoms=config.task.eval_on_free_atoms,
     )  # fmt: skip
     metrics = totals.compute()
-    results = RunPaths.for_config(config).results_dir  # on every rank: they agree on the id
+    results = RunPaths.for_config(config).results_dir
     if not is_main():
         return metrics
     print(format_metrics_table(metrics))
     if not config.options.debug:
-        results.mkdir(parents=True, exist_ok=True)
-        path = results / "metrics_val.json"
-        write_json(path, metrics, indent=2)
+        path = write_json(results / "metrics_val.json", metrics, indent=2)
         print(f"metrics: {path}")
     return metrics

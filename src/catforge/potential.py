@@ -93,6 +93,31 @@ def load_transform(config: Config, checkpoint: dict[str, Any]) -> TargetTransfor
     return transform
 
 
+TASK_OF_TRAINER = {
+    "energy": "IS2RE (relaxed energies, trainer: energy)",
+    "forces": "S2EF (energies and forces, trainer: forces)",
+}
+"""What a checkpoint trained with each ``trainer`` serves, for messages."""
+
+
+def check_checkpoint_task(
+    checkpoint: dict[str, Any], source: str | Path, trainer: str, purpose: str
+) -> None:
+    """Refuse a checkpoint trained for another task than ``trainer`` (``energy``/``forces``).
+
+    ``purpose`` names what the model is needed for ("relaxations", "S2EF predictions", ...).
+    Checkpoints that store no config (OCP weights-only files) are not checked.
+    """
+    raw = checkpoint.get("config")
+    stored = raw.get("trainer") if isinstance(raw, dict) else None
+    if stored not in TASK_OF_TRAINER or stored == trainer:
+        return
+    raise CheckpointError(
+        f"{source}: this checkpoint serves {TASK_OF_TRAINER[stored]}, but {purpose} need a "
+        f"{TASK_OF_TRAINER[trainer]} model; use a checkpoint trained with trainer: {trainer}"
+    )
+
+
 def checkpoint_config(checkpoint: dict[str, Any], source: str | Path) -> Config:
     """The resolved config stored in a catforge checkpoint."""
     raw = checkpoint.get("config")
@@ -133,6 +158,18 @@ class Potential:
         ``config`` is given."""
         checkpoint = load_checkpoint(path)
         config = config or checkpoint_config(checkpoint, path)
+        model = load_model(config, checkpoint, path)
+        return cls(model, load_transform(config, checkpoint), device)
+
+    @classmethod
+    def for_task(
+        cls, config: Config, path: str | Path, purpose: str, device: torch.device | str = "cpu"
+    ) -> Potential:
+        """The model of ``config`` with the weights and normalisers of checkpoint ``path``,
+        refused (:func:`check_checkpoint_task`) when trained for another task than
+        ``config.trainer``; ``purpose`` says what it is for, in that error."""
+        checkpoint = load_checkpoint(path)
+        check_checkpoint_task(checkpoint, path, config.trainer, purpose)
         model = load_model(config, checkpoint, path)
         return cls(model, load_transform(config, checkpoint), device)
 

@@ -22,7 +22,7 @@ Both files hold the same (rounded) values.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +37,7 @@ from catforge.data.samplers import shard_start
 from catforge.distributed import gather_objects, get_rank, get_world_size
 from catforge.errors import ConfigError, DataError
 from catforge.potential import Potential, pick_device, with_forces
+from catforge.progress import progress
 from catforge.runs import RunPaths
 from catforge.training.build import build_dataset, build_eval_loader
 
@@ -123,7 +124,8 @@ def predict(
     shard), used for ids when the data has no sid/fid.
     """
     parts = _Parts(start)
-    for batch in batches:
+    total = len(batches) if isinstance(batches, Sized) else None
+    for batch in progress(batches, total=total, desc="predict"):
         parts.add(potential, batch, with_forces=with_forces)
     return parts.finish(with_forces=with_forces)
 
@@ -222,10 +224,12 @@ def run_predict(config: Config) -> list[Path]:
     options = config.options
     if options.checkpoint is None:
         raise ConfigError("--mode predict needs --checkpoint CKPT")
-    potential = Potential.from_checkpoint(
-        options.checkpoint, config=config, device=pick_device(options.cpu)
+    task: Task = "is2re" if config.trainer == "energy" else "s2ef"
+    device = pick_device(options.cpu)
+    potential = Potential.for_task(
+        config, options.checkpoint, f"{task.upper()} predictions", device
     )
-    test_set = build_dataset(config, config.dataset.split("test"))
+    test_set = build_dataset(config, config.dataset.split("test"), "test")
     loader = build_eval_loader(config, test_set)
     start = shard_start(len(test_set), get_rank(), get_world_size())  # type: ignore[arg-type]
     shard = predict(potential, loader, with_forces=with_forces(config), start=start)
@@ -234,7 +238,6 @@ def run_predict(config: Config) -> list[Path]:
     if gathered is None:  # not rank 0: rank 0 writes every rank's predictions
         return []
     predictions = Predictions.concatenate(gathered)
-    task: Task = "is2re" if config.trainer == "energy" else "s2ef"
     paths = write_predictions(predictions, results_dir, task, config.task.prediction_dtype)
     print(f"predictions of {len(predictions)} systems:")
     for path in paths:

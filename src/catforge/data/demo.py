@@ -296,7 +296,7 @@ def generate_demo(
         )
         (tmp / "stats.yml").write_text(summary.to_yaml())
     summary.seconds = time.perf_counter() - start
-    log.info("%s", summary.format())
+    log.debug("%s", summary.format())  # the CLI prints it; library callers get the summary
     return summary
 
 

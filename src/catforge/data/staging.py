@@ -34,8 +34,8 @@ def _check(out: Path, overwrite: bool, may_replace: Callable[[Path], str | None]
         return
     if not overwrite:
         raise DataError(
-            f"{out}: output exists and is not empty; pass --overwrite (overwrite=True) to replace "
-            "what already exists there, or choose another --out"
+            f"{out}: output exists and is not empty; pass --overwrite to replace what already "
+            "exists there, or choose another --out"
         )
     reason = may_replace(out) if may_replace is not None else None
     if reason is not None:

@@ -2,8 +2,16 @@
 
 Structures whose trajectory in ``task.relax_opt.traj_dir`` is already complete (same checkpoint,
 same settings) are not relaxed again: their results are read back, so an interrupted run resumes
-where it stopped. Results go to ``results/<timestamp_id>/`` (see :mod:`catforge.relax.results`),
-metrics also to TensorBoard and ``metrics.jsonl``.
+where it stopped. A ``traj_dir`` holding trajectories of another model or other settings is
+refused rather than overwritten (see :mod:`catforge.relax.trajectory`). Results go to
+``results/<timestamp_id>/`` (see :mod:`catforge.relax.results`), metrics also to TensorBoard and
+``metrics.jsonl``.
+
+A stop signal (SIGTERM, SIGINT, SIGUSR1/2: :mod:`catforge.preemption`) ends the relaxations after
+the current optimizer step: finished trajectories stay, unfinished ones are deleted, no result
+files are written, and :class:`~catforge.preemption.Preempted` says to rerun the same command.
+Off a terminal (no progress bar) a line of progress is logged at least every
+:data:`PROGRESS_EVERY` seconds (by rank 0, for its share under DDP).
 """
 
 from __future__ import annotations
@@ -11,21 +19,32 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from catforge.atomic import write_json
+from catforge.checkpoint import load_checkpoint
 from catforge.config import Config
 from catforge.data.graph import AtomicGraph
 from catforge.data.samplers import shard_start
-from catforge.distributed import gather_objects, get_rank, get_world_size
+from catforge.distributed import all_reduce_sum, barrier, gather_objects, get_rank, get_world_size
 from catforge.errors import ConfigError, DataError
 from catforge.loggers import RunLogger
 from catforge.metrics import format_metrics_table
-from catforge.potential import Potential, pick_device
-from catforge.progress import progress
+from catforge.models.forces import ModelOutput
+from catforge.potential import (
+    Potential,
+    check_checkpoint_task,
+    load_model,
+    load_transform,
+    pick_device,
+)
+from catforge.preemption import Preempted, StopRequest, signal_name, stop_requests
+from catforge.progress import progress, progress_enabled
 from catforge.registry import dataset_factories, lookup
 from catforge.relax.driver import RelaxResult, RelaxSettings, relax, without_edges
 from catforge.relax.lbfgs import LBFGSSettings
@@ -39,6 +58,9 @@ from catforge.relax.trajectory import TrajectoryWriter
 from catforge.runs import RunPaths
 
 log = logging.getLogger(__name__)
+
+PROGRESS_EVERY = 30.0
+"""Seconds between progress lines when no progress bar is shown."""
 
 
 def relax_settings(config: Config) -> RelaxSettings:
@@ -63,30 +85,78 @@ def run_relaxations(config: Config) -> dict[str, float]:
     if task.relax_dataset is None:
         raise ConfigError("run-relaxations needs task.relax_dataset: {src: ...}")
     settings = relax_settings(config)
-    potential = Potential.from_checkpoint(
-        options.checkpoint, config=config, device=pick_device(options.cpu)
-    )
-    if not potential.regress_forces:
-        raise ConfigError(
-            f"{options.checkpoint}: its model predicts no forces; relaxations need them"
-        )
-    factory = lookup(dataset_factories(), task.dataset, "dataset (task.dataset)")
-    dataset: Dataset[AtomicGraph] = factory(task.relax_dataset.src)  # type: ignore[assignment]
-    count = len(dataset)  # type: ignore[arg-type]
-    if task.num_relaxation_batches is not None:
-        count = min(count, task.num_relaxation_batches * settings.batch_size)
-    writer = None
-    if task.relax_opt.traj_dir is not None:
-        tag = relax_tag(Path(options.checkpoint), settings)
-        writer = TrajectoryWriter(task.relax_opt.traj_dir, full=task.save_full_traj, relax_tag=tag)
+    potential = _load_potential(config, options.checkpoint)
+    dataset, count = _relax_set(config, settings.batch_size)
     # Under DDP each rank relaxes a contiguous shard; rank 0 gathers and writes everything.
     rank, world_size = get_rank(), get_world_size()
     shard = range(shard_start(count, rank, world_size), shard_start(count, rank + 1, world_size))
-    gathered = gather_objects(_relax_all(potential, dataset, shard, settings, writer))
+    with stop_requests() as stop:  # a signal from here on stops at the first or next step
+        writer = _trajectory_writer(config, settings)
+        results, stopped = _relax_all(potential, stop, dataset, shard, settings, writer)
+        totals = all_reduce_sum(torch.tensor([len(results), int(stopped)], dtype=torch.int64))
+        finished, stops = totals.tolist()
+        if stops:
+            raise _preempted(stop.signal_number, finished, count, task.relax_opt.traj_dir)
+    gathered = gather_objects(results)
     paths = RunPaths.for_config(config)  # on every rank: they agree on the run id
     if gathered is None:
         return {}
     return _report(config, paths, [result for part in gathered for result in part])
+
+
+def _trajectory_writer(config: Config, settings: RelaxSettings) -> TrajectoryWriter | None:
+    """The writer of ``task.relax_opt.traj_dir`` with the folder checked and cleared of the
+    unfinished files of a killed run; None without a ``traj_dir``."""
+    task, checkpoint = config.task, config.options.checkpoint
+    if task.relax_opt.traj_dir is None:
+        return None
+    assert checkpoint is not None
+    writer = TrajectoryWriter(
+        task.relax_opt.traj_dir,
+        full=task.save_full_traj,
+        relax_tag=relax_tag(Path(checkpoint), settings),
+        checkpoint=str(checkpoint),
+    )
+    writer.scan()
+    if get_rank() == 0:
+        writer.remove_partial()
+    barrier()  # no rank starts a trajectory before rank 0 has cleared the old ones
+    return writer
+
+
+def _load_potential(config: Config, checkpoint: Path) -> Potential:
+    """The forces model of ``checkpoint`` (the file is read once); refuses energy-only models."""
+    state = load_checkpoint(checkpoint)
+    check_checkpoint_task(state, checkpoint, "forces", "relaxations")
+    model = load_model(config, state, checkpoint)
+    potential = Potential(model, load_transform(config, state), pick_device(config.options.cpu))
+    if not potential.regress_forces:
+        raise ConfigError(f"{checkpoint}: its model predicts no forces; relaxations need them")
+    return potential
+
+
+def _relax_set(config: Config, batch_size: int) -> tuple[Dataset[AtomicGraph], int]:
+    """``task.relax_dataset`` and how many of its structures to relax; errors name the key."""
+    task = config.task
+    assert task.relax_dataset is not None
+    src = task.relax_dataset.src
+    factory = lookup(dataset_factories(), task.dataset, "dataset (task.dataset)")
+    try:
+        dataset: Dataset[AtomicGraph] = factory(src)  # type: ignore[assignment]
+    except DataError as error:
+        raise DataError(f"task.relax_dataset.src: {error}") from error
+    count = len(dataset)  # type: ignore[arg-type]
+    if count == 0:
+        raise DataError(
+            f"task.relax_dataset.src: {src} holds no structures; give a dataset to relax"
+        )
+    if task.num_relaxation_batches is not None:
+        if task.num_relaxation_batches < 1:
+            raise ConfigError(
+                f"task.num_relaxation_batches must be >= 1, got {task.num_relaxation_batches}"
+            )
+        count = min(count, task.num_relaxation_batches * batch_size)
+    return dataset, count
 
 
 def relax_tag(checkpoint: Path, settings: RelaxSettings) -> str:
@@ -100,14 +170,60 @@ def relax_tag(checkpoint: Path, settings: RelaxSettings) -> str:
     return digest.hexdigest()[:16]
 
 
+class _Stopped(Exception):
+    """Raised by :class:`_Watched` to end the relaxations after the current step."""
+
+
+class _Watched:
+    """The potential as the driver's force field, called once per optimizer step: it ends the
+    relaxations (:class:`_Stopped`) on a stop request and logs progress every
+    :data:`PROGRESS_EVERY` seconds when no progress bar is shown."""
+
+    def __init__(
+        self, potential: Potential, stop: StopRequest, total: int, resumed: Sequence[RelaxResult]
+    ) -> None:
+        """``total`` structures to relax, of which ``resumed`` were found already relaxed."""
+        self.potential = potential
+        self.device = potential.device
+        self.stop = stop
+        self.total, self.resumed = total, len(resumed)
+        self.done = len(resumed)
+        self.converged = sum(result.converged for result in resumed)
+        self._log = not progress_enabled()
+        self._start = self._logged = time.monotonic()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.potential.dtype
+
+    def finished(self, result: RelaxResult) -> None:
+        self.done += 1
+        self.converged += result.converged
+
+    def __call__(self, graph: AtomicGraph) -> ModelOutput:
+        if self.stop.requested:
+            raise _Stopped
+        now = time.monotonic()
+        if self._log and now - self._logged >= PROGRESS_EVERY:
+            self._logged = now
+            rate = (self.done - self.resumed) / max(now - self._start, 1e-9)
+            log.info(
+                "relaxed %d of %d structures (%d converged), %.1f structures/s",
+                self.done, self.total, self.converged, rate,
+            )  # fmt: skip
+        return self.potential(graph)
+
+
 def _relax_all(
     potential: Potential,
+    stop: StopRequest,
     dataset: Dataset[AtomicGraph],
     indices: range,
     settings: RelaxSettings,
     writer: TrajectoryWriter | None,
-) -> list[RelaxResult]:
-    """Results of the structures at ``indices``, in dataset order."""
+) -> tuple[list[RelaxResult], bool]:
+    """Results of the structures at ``indices`` finished, in dataset order, and whether a stop
+    request ended the relaxations early (then some are missing)."""
     results: dict[int, RelaxResult] = {}
     pending: list[int] = []
     names: set[str] = set()
@@ -130,6 +246,7 @@ def _relax_all(
         log.info(
             "%d of %d structures already relaxed (trajectories found)", len(results), len(indices)
         )
+    force_field = _Watched(potential, stop, len(indices), list(results.values()))
 
     def structures() -> Iterator[AtomicGraph]:
         for position, index in enumerate(pending):
@@ -138,7 +255,8 @@ def _relax_all(
                 writer.register(position, system_id(graph, index), graph)
             yield graph
 
-    relaxations = relax(potential, structures(), settings, observer=writer)
+    relaxations = relax(force_field, structures(), settings, observer=writer)
+    stopped = False
     try:
         for result in progress(relaxations, total=len(pending), desc="relaxing"):
             if writer is not None:
@@ -147,10 +265,31 @@ def _relax_all(
             results[index] = dataclasses.replace(
                 result, index=index, final=dataclasses.replace(result.final, index=index)
             )
+            force_field.finished(result)
+    except _Stopped:
+        stopped = True
     finally:
         if writer is not None:
             writer.close()
-    return [results[index] for index in indices]
+    return [results[index] for index in indices if index in results], stopped
+
+
+def _preempted(
+    signal_number: int | None, finished: int, total: int, traj_dir: Path | None
+) -> Preempted:
+    """The stop after ``finished`` of ``total`` structures, with how to continue."""
+    stopped = f"relaxations stopped by {signal_name(signal_number)} after {finished} of {total}"
+    if traj_dir is None:
+        return Preempted(
+            f"{stopped} structures; without task.relax_opt.traj_dir none of them was kept",
+            "rerun the same command to start over (set task.relax_opt.traj_dir to resume instead)",
+            signal_number,
+        )
+    return Preempted(
+        f"{stopped} structures; finished trajectories are in {traj_dir}",
+        "rerun the same command to continue (finished structures are skipped)",
+        signal_number,
+    )
 
 
 def _report(config: Config, paths: RunPaths, results: Sequence[RelaxResult]) -> dict[str, float]:

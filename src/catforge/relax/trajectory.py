@@ -4,12 +4,22 @@ Frames go to ``<folder>/<name>.traj_tmp`` while a structure relaxes; the file is
 ``<name>.traj`` when it finishes, so a ``.traj`` file is always a whole relaxation. Every frame
 carries the energy and forces of its own positions (a SinglePointCalculator; forces as the model
 gives them, ASE applies FixAtoms on ``get_forces()``), and ``atoms.info`` holds ``sid``, ``step``,
-``fmax`` (eV/A, free atoms) and ``relax_tag``. With ``full=False`` only the first and the last
-frames are written.
+``fmax`` (eV/A, free atoms), ``relax_tag`` and ``checkpoint``. With ``full=False`` only the first
+and the last frames are written.
 
-``relax_tag`` identifies the model and the settings; :meth:`TrajectoryWriter.completed` reads
-back the results of finished files with the same tag, which is how a re-run resumes (files with
-another tag are relaxed again and replaced).
+``relax_tag`` identifies the model and the settings, ``checkpoint`` names the model's file. A
+folder holds the trajectories of one tag, at the place OCP's tools and the README name,
+``<folder>/<sid>.traj``: :meth:`TrajectoryWriter.scan` refuses (ConfigError) a folder holding
+finished trajectories of another tag or of another program instead of replacing them, and keeps
+those of its own tag, whose results :meth:`TrajectoryWriter.completed` hands back: that is how a
+rerun resumes. (A subfolder per tag would keep models apart too, but would move the files away
+from where submission scripts read them.)
+
+``.traj_tmp`` files are never resumed from: the optimizer's L-BFGS history is not in them, so
+continuing from their last frame would not retrace an uninterrupted relaxation. Those of
+unfinished structures are deleted when the run stops (:meth:`TrajectoryWriter.close`) and those a
+killed run left behind when the next one starts (:meth:`TrajectoryWriter.remove_partial`); the
+rerun relaxes such structures from their initial positions.
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ from ase.io.trajectory import TrajectoryWriter as AseTrajectoryWriter
 
 from catforge.data.atoms import graph_to_atoms
 from catforge.data.graph import AtomicGraph
+from catforge.errors import ConfigError
 from catforge.relax.driver import Frame, RelaxResult
 
 log = logging.getLogger(__name__)
@@ -37,18 +48,63 @@ PARTIAL_SUFFIX = ".traj_tmp"
 class TrajectoryWriter:
     """Frame observer of :func:`~catforge.relax.driver.relax` writing one file per structure.
 
-    Call :meth:`register` for a structure before its first frame (index as the driver sees it),
-    pass the writer as the driver's observer, and :meth:`finish` each result.
+    Call :meth:`scan` first, :meth:`register` for a structure before its first frame (index as
+    the driver sees it), pass the writer as the driver's observer, and :meth:`finish` each result.
     """
 
-    def __init__(self, folder: Path, *, full: bool, relax_tag: str) -> None:
+    def __init__(self, folder: Path, *, full: bool, relax_tag: str, checkpoint: str = "") -> None:
         self.folder = folder
         self.full = full
         self.relax_tag = relax_tag
+        self.info = {"relax_tag": relax_tag, "checkpoint": checkpoint}
         self._open: dict[int, _Open] = {}
+        self._finished: dict[str, tuple[Atoms, Atoms]] = {}
+        self._unreadable: dict[str, str] = {}
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}{SUFFIX}"
+
+    def scan(self) -> None:
+        """Read the first and last frames of the folder's finished trajectories; ConfigError when
+        any was written by another model, other settings or another program."""
+        foreign: list[Atoms] = []
+        for path in sorted(self.folder.glob(f"*{SUFFIX}")):
+            try:
+                with Trajectory(str(path)) as frames:
+                    first, last = frames[0], frames[-1]
+            except Exception as error:  # a damaged file is relaxed again, not fatal
+                self._unreadable[path.stem] = str(error)
+                continue
+            assert isinstance(first, Atoms) and isinstance(last, Atoms)
+            if last.info.get("relax_tag") == self.relax_tag:
+                self._finished[path.stem] = (first, last)
+            else:
+                foreign.append(last)
+        if foreign:
+            raise ConfigError(self._foreign_message(foreign))
+
+    def _foreign_message(self, foreign: list[Atoms]) -> str:
+        info = foreign[0].info
+        if "relax_tag" in info:
+            origin = f"relax tag {info['relax_tag']}"
+            if info.get("checkpoint"):
+                origin += f", checkpoint {info['checkpoint']}"
+        else:
+            origin = "no relax tag: written by another program"
+        return (
+            f"{self.folder}: holds {len(foreign)} finished trajectories of another model or other "
+            f"relaxation settings ({origin}; this run's tag is {self.relax_tag}); relaxing here "
+            "would replace them: use another task.relax_opt.traj_dir, or delete those .traj files"
+        )
+
+    def remove_partial(self) -> None:
+        """Delete the ``.traj_tmp`` files of structures a killed run did not finish."""
+        removed = 0
+        for path in self.folder.glob(f"*{PARTIAL_SUFFIX}"):
+            path.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.info("%s: removed %d unfinished trajectories of a killed run", self.folder, removed)
 
     def register(self, index: int, name: str, graph: AtomicGraph) -> None:
         """Start the file of structure ``index`` (``name`` is usually its sid)."""
@@ -60,7 +116,7 @@ class TrajectoryWriter:
     def __call__(self, frame: Frame) -> None:
         entry = self._open[frame.index]
         if self.full or entry.frames_written == 0:
-            entry.write(frame, self.relax_tag)
+            entry.write(frame, self.info)
         else:
             entry.last = frame
 
@@ -68,34 +124,31 @@ class TrajectoryWriter:
         """Write the last frame if it is pending, close the file and rename it into place."""
         entry = self._open.pop(result.index)
         if entry.last is not None and entry.last.step > 0:
-            entry.write(entry.last, self.relax_tag)
+            entry.write(entry.last, self.info)
         entry.writer.close()
         final = self.path(entry.name)
         os.replace(entry.partial, final)
         return final
 
     def close(self) -> None:
-        """Close files of unfinished structures (left as ``.traj_tmp``)."""
+        """Close and delete the files of unfinished structures (a rerun starts them over)."""
         for entry in self._open.values():
             entry.writer.close()
+            entry.partial.unlink(missing_ok=True)
         self._open.clear()
 
     def completed(self, name: str, graph: AtomicGraph) -> Frame | None:
-        """The last frame of ``name``'s finished trajectory, if it has this writer's tag and
-        starts from ``graph`` (same elements and initial positions); else None."""
+        """The last frame of ``name``'s finished trajectory found by :meth:`scan`, if it starts
+        from ``graph`` (same elements and initial positions); else None."""
         path = self.path(name)
-        if not path.is_file():
+        if name in self._unreadable:
+            log.warning(
+                "%s: unreadable trajectory (%s); relaxing it again", path, self._unreadable[name]
+            )
             return None
-        try:
-            with Trajectory(str(path)) as frames:
-                first, atoms = frames[0], frames[-1]
-        except Exception as error:  # a damaged file is relaxed again, not fatal
-            log.warning("%s: unreadable trajectory (%s); relaxing it again", path, error)
+        if name not in self._finished:
             return None
-        assert isinstance(first, Atoms) and isinstance(atoms, Atoms)
-        if atoms.info.get("relax_tag") != self.relax_tag:
-            log.warning("%s: written by another model or settings; relaxing it again", path)
-            return None
+        first, atoms = self._finished[name]
         if not _starts_from(first, graph):
             log.warning("%s: starts from another structure; relaxing it again", path)
             return None
@@ -122,10 +175,10 @@ class _Open:
         self.frames_written = 0
         self.last: Frame | None = None
 
-    def write(self, frame: Frame, relax_tag: str) -> None:
+    def write(self, frame: Frame, info: dict[str, str]) -> None:
         atoms = self.template.copy()
         atoms.set_positions(frame.positions, apply_constraint=False)
-        atoms.info.update(step=frame.step, fmax=frame.fmax, relax_tag=relax_tag)
+        atoms.info.update(step=frame.step, fmax=frame.fmax, **info)
         atoms.calc = SinglePointCalculator(atoms, energy=frame.energy, forces=frame.forces)
         self.writer.write(atoms)
         self.frames_written += 1

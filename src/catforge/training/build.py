@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import torch
@@ -13,9 +14,9 @@ from catforge.data.collate import collate
 from catforge.data.graph import AtomicGraph
 from catforge.data.samplers import ShardedEvalSampler
 from catforge.distributed import get_rank, get_world_size
-from catforge.errors import ConfigError
+from catforge.errors import ConfigError, DataError
 from catforge.potential import config_transform, element_references, energy_field, with_forces
-from catforge.preemption import STOP_SIGNALS
+from catforge.preemption import HANDLED_SIGNALS
 from catforge.registry import dataset_factories, lookup
 from catforge.targets import Normalizer, TargetTransform
 from catforge.training.label_stats import fit_statistics
@@ -23,10 +24,63 @@ from catforge.training.label_stats import fit_statistics
 log = logging.getLogger(__name__)
 
 
-def build_dataset(config: Config, entry: DatasetConfig) -> Dataset[AtomicGraph]:
-    """The dataset class named by ``task.dataset`` over ``entry.src``."""
+def build_dataset(config: Config, entry: DatasetConfig, split: str) -> Dataset[AtomicGraph]:
+    """The dataset class named by ``task.dataset`` over ``entry.src`` (``dataset.<split>``).
+
+    Errors name the config key; an empty dataset is an error (it would silently mean no
+    training, no validation or empty prediction files).
+    """
     factory = lookup(dataset_factories(), config.task.dataset, "dataset (task.dataset)")
-    return factory(entry.src)  # type: ignore[return-value]
+    key = f"dataset.{split}.src"
+    try:
+        dataset: Dataset[AtomicGraph] = factory(entry.src)  # type: ignore[assignment]
+    except DataError as error:
+        raise DataError(f"{key}: {error}") from None
+    if len(dataset) == 0:  # type: ignore[arg-type]
+        raise DataError(
+            f"{key}: {entry.src} holds no structures; point {key} at a dataset with entries"
+            + ("" if split == "train" else f" or remove dataset.{split}")
+        )
+    return dataset
+
+
+def check_labels(config: Config, dataset: Dataset[AtomicGraph], split: str) -> None:
+    """Refuse a split without the labels its use needs (energies, and forces for S2EF), before
+    any work is done: the first, middle and last entries are checked."""
+    needed = [energy_field(config), *(["force"] if with_forces(config) else [])]
+    length = len(dataset)  # type: ignore[arg-type]
+    use = "training" if split == "train" else "validation metrics"
+    task = "S2EF (trainer: forces)" if with_forces(config) else "IS2RE (trainer: energy)"
+    hint = (
+        ""
+        if split == "train"
+        else "; an unlabelled set belongs under dataset.test (--mode predict)"
+    )
+    for index in sorted({0, length // 2, length - 1}):
+        present = _entry_field_names(dataset, index)
+        for name in needed:
+            if name not in present:
+                raise DataError(
+                    f"dataset.{split}.src: entry {index} of {config.dataset.split(split).src} has "
+                    f"no '{name}' label, which {use} of {task} needs{hint}"
+                )
+
+
+def _entry_field_names(dataset: Dataset[AtomicGraph], index: int) -> set[str]:
+    fields = getattr(dataset, "fields", None)
+    if callable(fields):
+        return {name for name, value in fields(index).items() if value is not None}
+    return set(dataset[index].present())
+
+
+def worker_error_message(message: str) -> str:
+    """The original one-line message of an error raised in a DataLoader worker (the loader
+    re-raises it with the worker's traceback in front), else ``message`` itself."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    _, sep, original = last.partition(": ")
+    return original if sep else last
 
 
 def build_loader(
@@ -44,6 +98,7 @@ def build_loader(
     Its own generator seeded by ``seed`` seeds the workers, so loading never draws from the
     global RNG (which exact resume restores).
     """
+    num_workers = capped_workers(num_workers)
     return DataLoader(
         dataset,
         batch_size=batch_size if batch_sampler is None else 1,
@@ -58,9 +113,37 @@ def build_loader(
     )
 
 
+def capped_workers(requested: int) -> int:
+    """``optim.num_workers``, capped at the CPUs this process may use (one warning).
+
+    OCP's configs ask for 16-64 workers per GPU node; on a laptop that starts hundreds of
+    processes that only fight for the same cores.
+    """
+    available = available_cpus()
+    if requested <= available:
+        return requested
+    if requested not in _warned_workers:
+        _warned_workers.add(requested)
+        log.warning(
+            "optim.num_workers %d is more than the %d CPUs available; using %d",
+            requested, available, available,
+        )  # fmt: skip
+    return available
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+_warned_workers: set[int] = set()
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave stop signals to the main process, which checkpoints and ends them."""
-    for number in STOP_SIGNALS:
+    """Workers leave stop signals (Ctrl-C too) to the main process, which checkpoints and ends
+    them."""
+    for number in HANDLED_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
 
 

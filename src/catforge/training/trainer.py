@@ -25,7 +25,7 @@ from catforge.distributed import (
     get_world_size,
     is_main,
 )
-from catforge.errors import ConfigError
+from catforge.errors import ConfigError, DataError
 from catforge.evaluate import evaluate, output_totals
 from catforge.loggers import RunLogger
 from catforge.metrics import (
@@ -37,11 +37,16 @@ from catforge.metrics import (
 )
 from catforge.models.forces import ForceModel
 from catforge.potential import energy_field, with_forces
-from catforge.preemption import Preempted, StopRequest
-from catforge.progress import progress_enabled
+from catforge.preemption import Preempted, StopRequest, signal_name
+from catforge.progress import Heartbeat, progress_enabled
 from catforge.runs import RunPaths
 from catforge.targets import TargetTransform
-from catforge.training.build import build_eval_loader, build_loader, build_transform
+from catforge.training.build import (
+    build_eval_loader,
+    build_loader,
+    build_transform,
+    worker_error_message,
+)
 from catforge.training.losses import LossResult, energy_loss, s2ef_loss
 from catforge.training.optim import (
     ExponentialMovingAverage,
@@ -81,7 +86,9 @@ class Trainer:
     Under DDP (an initialised process group) every rank trains its share of each global batch of
     ``world_size * batch_size`` structures, losses are normalised by the global counts (so the
     result equals one process with the global batch), and only rank 0 writes checkpoints.
-    ``stop`` ends training after the current step with a checkpoint (:mod:`catforge.preemption`).
+    A stop request (:meth:`train`'s ``stop``) ends training after the current step with a
+    checkpoint (:mod:`catforge.preemption`); so does a bad data entry, before its error is
+    raised, so that the run can resume once the entry is fixed or skipped.
     """
 
     def __init__(
@@ -94,10 +101,9 @@ class Trainer:
         device: torch.device,
         logger: RunLogger,
         resume: Mapping[str, Any] | None = None,
-        stop: StopRequest | None = None,
     ) -> None:
         self.config, self.paths, self.device, self.logger = config, paths, device, logger
-        self.stop = stop or StopRequest()
+        self.stop = StopRequest()
         optim = config.optim
         self.model = model.to(device)
         self.world_size = get_world_size()
@@ -137,9 +143,12 @@ class Trainer:
             else None
         )
         self.amp = config.options.amp and device.type == "cuda"
+        if config.options.amp and not self.amp:
+            log.warning("--amp is ignored on %s: mixed precision runs on CUDA only", device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.state = TrainState()
         self._saved_step: int | None = None
+        self._last_val: dict[str, float] = {}
         if resume is not None:
             self._restore(resume)
 
@@ -180,28 +189,52 @@ class Trainer:
         )  # fmt: skip
 
     def _build_schedule(self) -> LRSchedule:
+        """The LR schedule; ReduceLROnPlateau steps on the primary val metric (as OCP)."""
         optim = self.config.optim
-        mode: Literal["min", "max"] = "max" if metric_direction(self.primary) == "max" else "min"
+        direction: Literal["min", "max"] = (
+            "max" if metric_direction(self.primary) == "max" else "min"
+        )
         return build_scheduler(
             self.optimizer, optim.scheduler, steps_per_epoch=self.steps_per_epoch,
             total_steps=self.total_steps, warmup=optim.warmup, warmup_factor=optim.warmup_factor,
             milestones=optim.lr_milestones, gamma=optim.lr_gamma, unit=optim.schedule_unit,
-            params=optim.scheduler_params, mode=mode,
+            params=optim.scheduler_params, metric=(self.primary, direction),
         )  # fmt: skip
 
     # --- training -------------------------------------------------------------------------------
 
-    def train(self) -> dict[str, float]:
-        """Run to ``max_steps``/``max_epochs``; return the last validation metrics."""
+    def train(self, stop: StopRequest | None = None) -> dict[str, float]:
+        """Run to ``max_steps``/``max_epochs``; return the last validation metrics.
+
+        ``stop`` (from :func:`catforge.preemption.stop_requests`) ends the run after the
+        current step with a checkpoint, raising :class:`~catforge.preemption.Preempted`.
+        """
+        self.stop = stop or self.stop
+        if self.state.step >= self.total_steps:
+            log.warning(
+                "nothing to train: the run is already at step %d of %d; raise optim.max_steps "
+                "or optim.max_epochs to train further",
+                self.state.step, self.total_steps,
+            )  # fmt: skip
+            return {}
         log.info(
             "training %s: %d structures, %d steps per epoch, %d steps, device %s",
             self.task, len(self.train_loader.dataset), self.steps_per_epoch,  # type: ignore[arg-type]
             self.total_steps, self.device,
         )  # fmt: skip
-        last_val: dict[str, float] = {}
+        self._last_val = {}
+        try:
+            self._train_loop()
+        except DataError as error:
+            raise self._stopped_by_data(error) from None
+        return self._last_val
+
+    def _train_loop(self) -> None:
         window = MetricsWindow()
         bar = self._progress_bar()
+        heartbeat = Heartbeat()
         state = self.state
+        first_step = state.step
         while state.step < self.total_steps:
             for batch, waited in timed(self._epoch_batches()):
                 result, grad_norm, totals = self._train_step(batch)
@@ -215,20 +248,37 @@ class Trainer:
                 bar.set_postfix(loss=f"{float(result.total.detach()):.4f}", refresh=False)
                 if state.step % self.config.options.print_every == 0:
                     self._log_train(window.flush())
+                    heartbeat.reset()
+                elif bar.disable and heartbeat.due():
+                    log.info(
+                        "step %d of %d (epoch %.2f), %.3g steps/s", state.step, self.total_steps,
+                        state.step / self.steps_per_epoch, heartbeat.rate(state.step - first_step),
+                    )  # fmt: skip
                 done = state.step >= self.total_steps
                 if state.step % self.eval_every == 0 or done:
-                    last_val = self._validate() or last_val
+                    self._last_val = self._validate() or self._last_val
                 if epoch_end or done or state.step % self.checkpoint_every == 0:
-                    self._save_training(last_val)
+                    self._save_training(self._last_val)
                 if self._stop_requested():
                     bar.close()
-                    raise self._preempted(last_val)
+                    raise self._preempted(self._last_val)
                 if done:
                     break
         bar.close()
         if window.count:
             self._log_train(window.flush())
-        return last_val
+
+    def _stopped_by_data(self, error: DataError) -> DataError:
+        """Checkpoint the steps done before a bad entry stopped training; the error to raise."""
+        saved = self._save_training(self._last_val) or self._checkpoint_path
+        problem = worker_error_message(str(error))
+        if saved is None:
+            return DataError(f"{problem}; training stopped at step {self.state.step}")
+        return DataError(
+            f"{problem}; training stopped at step {self.state.step} and saved {saved}: fix or "
+            "remove the entry (or set dataset.<split>.skip_bad_entries: true), then resume with "
+            f"--checkpoint {saved}"
+        )
 
     def _epoch_batches(self) -> Iterator[AtomicGraph]:
         """This epoch's remaining batches of its (seed, epoch) permutation; consumed ones are
@@ -278,12 +328,14 @@ class Trainer:
                 energy_coefficient=optim.energy_coefficient,
                 reduce_count=reduce, world_size=self.world_size,
             )  # fmt: skip
+        task = self.config.task
         return s2ef_loss(
             energy.float(), energy_target, None if forces is None else forces.float(),
             forces_target, fixed=batch.fixed, loss_energy=optim.loss_energy,
             loss_force=optim.loss_force, energy_coefficient=optim.energy_coefficient,
             force_coefficient=optim.force_coefficient,
-            train_on_free_atoms=self.config.task.train_on_free_atoms,
+            train_on_free_atoms=task.train_on_free_atoms,
+            tag_weights=task.tag_specific_weights or None, tags=batch.tags, natoms=batch.natoms,
             reduce_count=reduce, world_size=self.world_size,
         )  # fmt: skip
 
@@ -348,7 +400,11 @@ class Trainer:
         log.warning("stop requested: writing a checkpoint at step %d", self.state.step)
         saved = self._save_training(val_metrics) or self._checkpoint_path
         barrier()  # no rank exits (and makes a launcher kill rank 0) before the file is written
-        return Preempted(saved, self.state.step)
+        number = self.stop.signal_number
+        where = f"checkpoint {saved}" if saved is not None else "no checkpoint (--debug)"
+        message = f"training stopped by {signal_name(number)} at step {self.state.step}; {where}"
+        resume = "" if saved is None else f"resume with --checkpoint {saved}"
+        return Preempted(message, resume, number)
 
     def _stop_requested(self) -> bool:
         """Whether any rank received a stop signal (all ranks agree)."""

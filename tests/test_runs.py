@@ -1,0 +1,93 @@
+"""Run folders: unique ids, refusing another run's folders, and no empty folders left behind."""
+
+from __future__ import annotations
+
+import multiprocessing
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from catforge.config import Config, ModelConfig, RunOptions
+from catforge.errors import ConfigError
+from catforge.runs import RunPaths
+
+NOW = datetime(2026, 1, 2, 3, 4, 5)
+
+
+def config(run_dir: Path, **options: object) -> Config:
+    return Config(
+        trainer="forces",
+        model=ModelConfig("schnet"),
+        options=RunOptions(run_dir=run_dir, **options),  # type: ignore[arg-type]
+    )
+
+
+def test_runs_started_in_the_same_second_get_different_folders(tmp_path: Path) -> None:
+    first = RunPaths.reserve(config(tmp_path), fresh=True, now=NOW)
+    second = RunPaths.reserve(config(tmp_path), fresh=True, now=NOW)
+    assert first.timestamp_id == "2026-01-02-03-04-05"
+    assert second.timestamp_id == "2026-01-02-03-04-05-2"
+    for paths in (first, second):
+        assert paths.checkpoint_dir.is_dir() and paths.results_dir.is_dir()
+        assert paths.logs_dir == tmp_path / "logs" / "tensorboard" / paths.timestamp_id
+
+
+def test_a_predict_run_of_that_second_is_not_shared_by_training(tmp_path: Path) -> None:
+    predict = RunPaths.reserve(config(tmp_path, mode="predict", identifier="x"), now=NOW)
+    assert predict.results_dir.is_dir() and not predict.checkpoint_dir.exists()
+    train = RunPaths.reserve(config(tmp_path, identifier="x"), fresh=True, now=NOW)
+    assert (predict.timestamp_id, train.timestamp_id) == (
+        "2026-01-02-03-04-05-x",
+        "2026-01-02-03-04-05-x-2",
+    )
+
+
+def _reserve_in_process(run_dir: str, queue: multiprocessing.Queue[str]) -> None:
+    queue.put(RunPaths.reserve(config(Path(run_dir)), fresh=True, now=NOW).timestamp_id)
+
+
+def test_concurrent_processes_never_share_an_id(tmp_path: Path) -> None:
+    context = multiprocessing.get_context("fork")
+    queue: multiprocessing.Queue[str] = context.Queue()
+    processes = [
+        context.Process(target=_reserve_in_process, args=(str(tmp_path), queue)) for _ in range(6)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=60)
+    ids = [queue.get(timeout=5) for _ in processes]
+    assert len(set(ids)) == 6
+    assert len(list((tmp_path / "checkpoints").iterdir())) == 6
+
+
+def test_timestamp_id_of_a_run_with_files_is_refused_unless_resuming(tmp_path: Path) -> None:
+    run = RunPaths.reserve(config(tmp_path), fresh=True, now=NOW)
+    checkpoint = run.checkpoint_dir / "checkpoint.pt"
+    checkpoint.write_bytes(b"finished work")
+    named = config(tmp_path, timestamp_id=run.timestamp_id)
+    with pytest.raises(ConfigError, match=r"--timestamp-id .*already has files.*--checkpoint"):
+        RunPaths.reserve(named, fresh=True)
+    assert checkpoint.read_bytes() == b"finished work"
+    assert RunPaths.reserve(named).timestamp_id == run.timestamp_id  # a resume may use it
+    empty = RunPaths.create(tmp_path, timestamp_id="empty-run")
+    empty.results_dir.mkdir(parents=True)
+    fresh = RunPaths.reserve(config(tmp_path, timestamp_id="empty-run"), fresh=True)
+    assert fresh.checkpoint_dir.is_dir()  # an id whose folders hold nothing is free
+
+
+def test_remove_empty_keeps_folders_with_files(tmp_path: Path) -> None:
+    run = RunPaths.reserve(config(tmp_path), fresh=True, now=NOW)
+    (run.logs_dir / "nested").mkdir()
+    (run.results_dir / "metrics.jsonl").write_text("{}\n")
+    run.remove_empty(tmp_path)
+    assert not run.checkpoint_dir.exists() and not run.logs_dir.exists()
+    assert run.results_dir.is_dir()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["results"]  # empty parents go
+
+
+def test_debug_runs_create_nothing(tmp_path: Path) -> None:
+    run = RunPaths.reserve(config(tmp_path, debug=True), fresh=True, now=NOW)
+    assert run.timestamp_id == "2026-01-02-03-04-05"
+    assert not any(tmp_path.iterdir())
