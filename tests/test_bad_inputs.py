@@ -21,6 +21,7 @@ import lmdb
 import numpy as np
 import pytest
 
+from catforge.checkpoint import load_checkpoint, save_checkpoint
 from catforge.config import RunOptions, load_config
 from catforge.data.lmdb import LmdbDataset, write_lmdb
 from catforge.data.pickles import dumps_entry
@@ -49,6 +50,11 @@ class World:
 
     def s2ef(self, *extra: str) -> list[str]:
         return ["--config-yml", S2EF, *data_overrides(self.demo, "s2ef"), *SMALL_MODEL, *extra]
+
+    def is2rs(self, *extra: str) -> list[str]:
+        relax = f"--task.relax_dataset.src={self.demo / 'is2re' / 'val' / 'data.lmdb'}"
+        return ["--config-yml", IS2RS, *data_overrides(self.demo, "s2ef"), *SMALL_MODEL, relax,
+                "--task.relaxation_steps=2", "--task.relax_opt.traj_dir=null", *extra]  # fmt: skip
 
     def is2re(self, *extra: str) -> list[str]:
         return ["--config-yml", IS2RE, *data_overrides(self.demo, "is2re"), *SMALL_MODEL, *extra]
@@ -97,9 +103,19 @@ def world(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> World:
     pos[2, 1] = np.nan
     files["nan"].parent.mkdir()
     write_raw_lmdb(files["nan"], [*good[:1], {**good[1], "pos": pos, "sid": 41}, *good[2:]] * 6)
-    source = Path(World(root, demo, s2ef_run, is2re_run).checkpoint(s2ef_run)).read_bytes()
+    world = World(root, demo, s2ef_run, is2re_run, files)
+    source = Path(world.checkpoint(s2ef_run)).read_bytes()
     files["truncated"].write_bytes(source[: len(source) // 2])
-    return World(root, demo, s2ef_run, is2re_run, files)
+    other = load_checkpoint(world.checkpoint(s2ef_run))
+    other["state_dict"] = {key: value * 1.01 for key, value in other["state_dict"].items()}
+    files["other_model"] = save_checkpoint(other, data / "other_model.pt")  # other weights
+    relax = ["--mode", "run-relaxations", *world.is2rs("--task.relax_opt.traj_dir=trajs")]
+    relaxed = subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), *relax, "--checkpoint", world.checkpoint(s2ef_run)],
+        cwd=root, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert relaxed.returncode == 0, relaxed.stderr[-3000:]
+    return world
 
 
 @dataclass(frozen=True)
@@ -130,6 +146,13 @@ CASES = [
          ("--sweep-yml", "--submit")),
     Case("distributed without a launcher",
          lambda w: ["--mode", "train", *w.s2ef(), "--distributed"], ("--distributed", "torchrun")),
+    Case("misspelt mode", lambda w: ["--mode", "trian", *w.s2ef()], ("'--mode'", "'train'")),
+    Case("misspelt override", lambda w: ["--mode", "train", *w.s2ef("--optim.lr_intial=0.1")],
+         ("command-line override --optim.lr_intial", "optim.lr_initial")),
+    Case("negative cutoff", lambda w: ["--mode", "train", *w.s2ef("--model.cutoff=-1")],
+         ("model.cutoff",)),
+    Case("unknown flag", lambda w: ["--mode", "train", *w.s2ef(), "--bogus"],
+         ("unrecognized argument --bogus",)),
     Case("missing val path",
          lambda w: ["--mode", "train", *w.s2ef(), "--dataset.val.src=/no/such/val"],
          ("dataset.val.src", "/no/such/val")),
@@ -166,6 +189,26 @@ CASES = [
     Case("NaN in a training entry",
          lambda w: ["--mode", "train", *w.s2ef(*NAN_TRAINING)],
          ("data.0000.lmdb", "sid 41", "'pos'", "NaN", "step 0", "--checkpoint"), writes=True),
+    Case("empty test set for predictions",
+         lambda w: ["--mode", "predict", *w.s2ef(f"--dataset.test.src={w.files['empty']}"),
+                    "--checkpoint", w.checkpoint(w.s2ef_run)],
+         ("dataset.test.src", "holds no structures")),
+    Case("IS2RE checkpoint for relaxations",
+         lambda w: ["--mode", "run-relaxations", *w.is2rs(), "--checkpoint",
+                    w.checkpoint(w.is2re_run)],
+         ("is2re-run", "serves IS2RE", "relaxations")),
+    Case("empty relax set",
+         lambda w: ["--mode", "run-relaxations",
+                    *w.is2rs(f"--task.relax_dataset.src={w.files['empty']}"),
+                    "--checkpoint", w.checkpoint(w.s2ef_run)],
+         ("task.relax_dataset.src", "holds no structures")),
+    Case("trajectories of another model in traj_dir",
+         lambda w: ["--mode", "run-relaxations", *w.is2rs("--task.relax_opt.traj_dir=trajs"),
+                    "--checkpoint", str(w.files["other_model"])],
+         ("trajs", "another model", "traj_dir")),
+    Case("export of a missing dataset",
+         lambda w: ["data", "export", "--format", "ocp", "no/such/data", "--out", "ocp_out"],
+         ("no/such/data",)),
     Case("demo into a folder with files",
          lambda w: ["data", "demo", "--out", str(w.files["empty"].parent), "--size", "tiny"],
          ("--overwrite",)),

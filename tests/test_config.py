@@ -208,6 +208,65 @@ def test_override_typo_is_reported_with_its_path(tmp_path):
         load_config(top, ["--optim.lr_intial=0.1"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--optim.lr_intial=0.1", "command-line override --optim.lr_intial: unknown key"),
+        ("--model.cutoff=abc", "command-line override --model.cutoff: 'model.cutoff' must be"),
+        ("--optim.batch_size=-2", "command-line override --optim.batch_size: optim.batch_size"),
+        ("--relaxation_steps=x", "command-line override --relaxation_steps: 'task.relaxation"),
+    ],
+)
+def test_errors_of_an_override_blame_the_command_line(tmp_path, override, message):
+    top = write(tmp_path / "c.yml", minimal())
+    with pytest.raises(ConfigError) as error:
+        load_config(top, [override, "--optim.lr_initial=0.01"])
+    assert str(error.value).startswith(message)
+    assert str(top) not in str(error.value)
+
+
+def test_errors_of_the_file_still_name_the_file(tmp_path):
+    top = write(tmp_path / "c.yml", minimal(optim={"max_epochs": 1, "lr_intial": 0.1}))
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}.*c\.yml: unknown key 'optim\.lr_intial'"):
+        load_config(top, ["--optim.lr_initial=0.01"])
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [
+        (-1, r"model\.cutoff must be a distance in A > 0.*got -1"),
+        (0, r"model\.cutoff must be a distance in A > 0.*got 0"),
+        (".inf", r"model\.cutoff must be a distance in A > 0.*got inf"),
+        ("abc", r"'model\.cutoff' must be a number, got str 'abc'"),
+    ],
+)
+def test_bad_model_cutoff_names_the_key_and_range(value, match):
+    raw = minimal(model={"name": "schnet", "cutoff": yaml.safe_load(str(value))})
+    with pytest.raises(ConfigError, match=rf"^test\.yml: {match}"):
+        parse_config(raw, "test.yml")
+
+
+def test_bad_model_sizes_name_the_key():
+    with pytest.raises(ConfigError, match=r"model\.num_gaussians must be >= 2, got 1"):
+        parse_config(minimal(model={"name": "schnet", "num_gaussians": 1}), "test.yml")
+    with pytest.raises(ConfigError, match=r"model\.readout must be one of add, sum, mean"):
+        parse_config(minimal(model={"name": "schnet", "readout": "max"}), "test.yml")
+
+
+@pytest.mark.parametrize(
+    ("flags", "match"),
+    [
+        ({"mode": "trian"}, r"^'--mode' must be one of 'train', 'predict', 'validate', "
+                            r"'run-relaxations', got 'trian'\. Did you mean 'train'\?"),
+        ({"mode": "train", "print_every": "x"}, r"^'--print-every' must be an integer"),
+        ({"mode": "train", "run_dir": ""}, r"^'--run-dir' must be a path"),
+    ],
+)  # fmt: skip
+def test_run_option_errors_name_the_flag(flags, match):
+    with pytest.raises(ConfigError, match=match):
+        RunOptions.from_namespace(argparse.Namespace(**flags))
+
+
 # --- dataset forms --------------------------------------------------------------------------
 
 
@@ -463,10 +522,12 @@ def test_bad_scheduler_and_optimizer_settings(keys, match):
         optim(**keys)
 
 
-def test_weight_decay_explicit_and_from_optimizer_params(caplog):
-    assert optim().optim.weight_decay == 0.0  # not torch AdamW's silent 0.01
-    moved = optim(optimizer_params={"weight_decay": 0.01, "eps": 1e-7}).optim
-    assert moved.weight_decay == 0.01 and moved.optimizer_params == {"eps": 1e-7}
+def test_weight_decay_absent_given_or_in_optimizer_params(caplog):
+    assert optim().optim.weight_decay is None  # OCP's rule: the optimizer's own default
+    assert optim(weight_decay=0).optim.weight_decay == 0.0
+    kept = optim(optimizer_params={"weight_decay": 0.01, "eps": 1e-7}).optim
+    assert kept.weight_decay is None  # as OCP: optimizer_params' value, on all parameters
+    assert kept.optimizer_params == {"weight_decay": 0.01, "eps": 1e-7}
     with pytest.raises(ConfigError, match="weight_decay is given both"):
         optim(weight_decay=0.1, optimizer_params={"weight_decay": 0.01})
     with caplog.at_level(logging.WARNING, logger="catforge.config"):

@@ -15,6 +15,7 @@ from catforge.data.atoms import atoms_to_graph
 from catforge.data.collate import collate
 from catforge.data.graph import AtomicGraph
 from catforge.data.neighbors import radius_graph_pbc
+from catforge.errors import ConfigError
 from catforge.models import EnergyModel, ForceModel, ModelOutput, SchNet, build_schnet
 from catforge.models.layers import edge_vectors, symmetric_pairs
 
@@ -96,8 +97,10 @@ def test_build_schnet_takes_an_ocp_model_block() -> None:
         6,
     )
     assert (defaults.num_gaussians, defaults.cutoff, defaults.readout) == (50, 10.0, "add")
-    with pytest.raises(ValueError, match="readout"):
+    with pytest.raises(ConfigError, match=r"model\.readout must be one of add, sum, mean"):
         SchNet(readout="max")
+    with pytest.raises(ConfigError, match=r"model\.cutoff must be a distance in A > 0"):
+        build_schnet(cutoff=-1.0)  # built directly, not from a config
 
 
 def test_force_model_state_dict_is_the_energy_models() -> None:

@@ -178,7 +178,7 @@ def test_torch_scheduler_kwarg_errors() -> None:
 def test_reduce_on_plateau_steps_at_eval_only() -> None:
     schedule = build_scheduler(
         _optimizer(), "ReduceLROnPlateau", steps_per_epoch=1, total_steps=9,
-        params={"patience": 0, "factor": 0.5}, mode="min",
+        params={"patience": 0, "factor": 0.5}, metric=("energy_mae", "min"),
     )  # fmt: skip
     for _ in range(5):
         _step(schedule)
@@ -188,11 +188,26 @@ def test_reduce_on_plateau_steps_at_eval_only() -> None:
     assert schedule.lr == 0.1
     schedule.step_eval(0.7)  # worse, patience 0
     assert schedule.lr == pytest.approx(0.05)
-    with pytest.raises(ConfigError, match="max"):
-        build_scheduler(
+
+
+def test_reduce_on_plateau_keeps_the_configs_mode_and_warns(caplog) -> None:
+    """As OCP: ``mode`` goes to torch as given (default ``min``); a warning when it is not the
+    direction of the metric the schedule steps on."""
+    for params in ({"mode": "min"}, {}):
+        with caplog.at_level(logging.WARNING, logger="catforge.training.optim"):
+            schedule = build_scheduler(
+                _optimizer(), "ReduceLROnPlateau", steps_per_epoch=1, total_steps=9,
+                params=params, metric=("energy_force_within_threshold", "max"),
+            )  # fmt: skip
+        assert schedule.scheduler.mode == "min"
+        assert "with mode 'min'" in caplog.text and "optim.mode: max" in caplog.text
+        caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="catforge.training.optim"):
+        schedule = build_scheduler(
             _optimizer(), "ReduceLROnPlateau", steps_per_epoch=1, total_steps=9,
-            params={"mode": "min"}, mode="max",
+            params={"mode": "max"}, metric=("energy_force_within_threshold", "max"),
         )  # fmt: skip
+    assert schedule.scheduler.mode == "max" and not caplog.text
 
 
 def test_optimizer_param_groups_without_decay() -> None:
@@ -205,7 +220,9 @@ def test_optimizer_param_groups_without_decay() -> None:
     assert groups == {0.1: {"lin.weight"}, 0.0: {"embedding.weight", "lin.bias", "frequencies"}}
     plain = build_optimizer(model, "AdamW", lr=1e-3)
     assert len(plain.param_groups) == 1
-    assert plain.param_groups[0]["weight_decay"] == 0.0  # not AdamW's silent 0.01
+    assert plain.param_groups[0]["weight_decay"] == 0.01  # not set: AdamW's, as OCP
+    none = build_optimizer(model, "AdamW", lr=1e-3, weight_decay=0.0)
+    assert [g["weight_decay"] for g in none.param_groups] == [0.0]
     adam = build_optimizer(model, "Adam", lr=1e-3, optimizer_params={"betas": (0.8, 0.9)})
     assert adam.param_groups[0]["betas"] == (0.8, 0.9)
 
@@ -215,8 +232,10 @@ def test_optimizer_errors() -> None:
         build_optimizer(Tiny(), "AdamWW", lr=1e-3)
     with pytest.raises(ConfigError, match="amsgrad"):
         build_optimizer(Tiny(), "AdamW", lr=1e-3, optimizer_params={"amsgrd": True})
-    with pytest.raises(ConfigError, match="weight_decay"):
-        build_optimizer(Tiny(), "AdamW", lr=1e-3, optimizer_params={"weight_decay": 0.1})
+    with pytest.raises(ConfigError, match="weight_decay is given both"):
+        build_optimizer(
+            Tiny(), "AdamW", lr=1e-3, weight_decay=0.1, optimizer_params={"weight_decay": 0.1}
+        )
     with pytest.raises(ConfigError, match="weight_decay"):
         build_optimizer(Tiny(), "Rprop", lr=1e-3, weight_decay=0.1)
 

@@ -19,6 +19,7 @@ import torch
 from ase import Atoms
 from ase.io import read
 
+from catforge import progress as progress_module
 from catforge.checkpoint import save_checkpoint
 from catforge.cli import main
 from catforge.config import load_config
@@ -304,7 +305,7 @@ def test_empty_and_missing_relax_sets(
 def test_progress_lines_off_a_terminal(
     setup: Setup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(relax_run, "PROGRESS_EVERY", 0.0)  # a line before every step
+    monkeypatch.setattr(progress_module, "HEARTBEAT_SECONDS", 0.0)  # a line before every step
     with caplog.at_level(logging.INFO, logger="catforge.relax.run"):
         argv = setup.argv("--task.relaxation_fmax=0", "--task.relaxation_steps=3")
         assert main([*argv, "--optim.eval_batch_size=1"]) == 0

@@ -89,7 +89,9 @@ def train(
         load_weights(model, resume["state_dict"], str(config.options.checkpoint))
     elif config.optim.init_from is not None:
         init = load_checkpoint(config.optim.init_from)
-        load_weights(model, init["state_dict"], str(config.optim.init_from))
+        load_weights(
+            model, init["state_dict"], str(config.optim.init_from), strict=config.task.strict_load
+        )
         log.info("fine-tuning from the weights of %s", config.optim.init_from)
     resume_step = None if resume is None else int(resume.get("step", 0))
     logger = (

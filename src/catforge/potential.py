@@ -80,7 +80,7 @@ def config_transform(config: Config) -> TargetTransform:
 def load_model(config: Config, checkpoint: dict[str, Any], source: str | Path) -> ForceModel:
     """The model of ``config`` with the checkpoint's weights; CheckpointError on a mismatch."""
     model = build_model(config)
-    load_weights(model, checkpoint["state_dict"], source)
+    load_weights(model, checkpoint["state_dict"], source, strict=config.task.strict_load)
     return model
 
 

@@ -32,8 +32,8 @@ def progress_enabled(requested: bool = True) -> bool:
 class Heartbeat:
     """Says when the next progress line is due: at most every ``interval`` seconds."""
 
-    def __init__(self, interval: float = HEARTBEAT_SECONDS) -> None:
-        self.interval = interval
+    def __init__(self, interval: float | None = None) -> None:
+        self.interval = HEARTBEAT_SECONDS if interval is None else interval
         self.start = self.last = time.monotonic()
 
     def due(self) -> bool:

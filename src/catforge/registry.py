@@ -22,10 +22,26 @@ def lookup(table: Mapping[str, T], name: str, what: str) -> T:
 
 
 def dataset_factories() -> dict[str, Callable[..., object]]:
-    """Dataset name (as in OCP configs' ``task.dataset``) -> dataset class."""
+    """Dataset name (as in OCP configs' ``task.dataset``) -> dataset class.
+
+    ``oc22_lmdb`` is the same reader. What OCP's ``OC22LmdbDataset`` does differently is either
+    the data itself or a dataset flag: OC22 entries (flagged ``oc22``) hold total energies and
+    are used as stored, as here; ``lin_ref`` (subtract per-element linear references) is
+    ``task.element_references: FILE`` here; OC20 entries (no ``oc22`` flag) OCP reads only with
+    ``train_on_oc20_total_energies`` + ``oc20_ref`` (joint OC20+OC22 training on total energies),
+    and ``data2train``/``subsample`` pick subsets: catforge refuses these flags by name
+    (:func:`catforge.config.ocp.dataset_splits`). OCP also drops stored edges, so its models
+    build graphs on the fly (``otf_graph: True``, which OC22 configs set); catforge's SchNet builds
+    them whenever the graph has none or ``otf_graph`` is on.
+    """
     from catforge.data.lmdb import LmdbDataset
 
-    return {"lmdb": LmdbDataset, "single_point_lmdb": LmdbDataset, "trajectory_lmdb": LmdbDataset}
+    return {
+        "lmdb": LmdbDataset,
+        "single_point_lmdb": LmdbDataset,
+        "trajectory_lmdb": LmdbDataset,
+        "oc22_lmdb": LmdbDataset,
+    }
 
 
 def model_factories() -> dict[str, Callable[..., object]]:

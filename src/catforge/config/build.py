@@ -47,6 +47,15 @@ def _forwarded_class(name: str) -> type | None:
     return None
 
 
+def _value_check(name: str) -> Callable[[Mapping[str, Any]], None] | None:
+    """The check of model ``name``'s values (a ConfigError naming ``model.<key>``), if any."""
+    if name == "schnet":
+        from catforge.models.schnet import check_schnet_block
+
+        return check_schnet_block
+    return None
+
+
 def _parameters(function: Callable[..., object]) -> tuple[dict[str, Parameter], bool]:
     """Named parameters of ``function`` (annotation, default), and whether it takes ``**kwargs``."""
     signature = inspect.signature(function)
@@ -102,6 +111,9 @@ def parse_model_attributes(
         if key not in attributes and parameter.default is inspect.Parameter.empty:
             where = f"{source}: " if source else ""
             raise ConfigError(f"{where}missing required key 'model.{key}'")
+    check = _value_check(name)
+    if check is not None:
+        check(attributes)
     return MappingProxyType(
         {key: attributes.get(key, freeze(p.default)) for key, p in accepted.items()}
     )

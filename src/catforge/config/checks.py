@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from catforge.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .schema import Config, OptimConfig
+    from .schema import Config, OptimConfig, TaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +28,9 @@ def _check_optim_values(optim: OptimConfig, where: str) -> None:
         if value is not None and value <= 0:
             raise ConfigError(f"{where}: optim.{name} must be > 0, got {value}")
     for name in ("num_workers", "weight_decay", "energy_coefficient", "force_coefficient"):
-        if getattr(optim, name) < 0:
-            raise ConfigError(f"{where}: optim.{name} must be >= 0, got {getattr(optim, name)}")
+        value = getattr(optim, name)
+        if value is not None and value < 0:
+            raise ConfigError(f"{where}: optim.{name} must be >= 0, got {value}")
     if optim.ema_decay is not None and not 0.0 < optim.ema_decay < 1.0:
         raise ConfigError(f"{where}: optim.ema_decay must be in (0, 1), got {optim.ema_decay}")
 
@@ -64,6 +67,60 @@ def _check_schedule(optim: OptimConfig, where: str) -> None:
             where,
             optim.scheduler,
         )
+
+
+def check_task(task: TaskConfig, raw: Mapping[str, Any]) -> None:
+    """Raise a ConfigError for task values catforge cannot run; log the OCP defaults an IS2RS
+    config relies on (``raw``: the task section as written)."""
+    optimizer = task.relax_opt.optimizer
+    if optimizer != "LBFGS":
+        hint = " (the name is case-sensitive)" if optimizer.upper() == "LBFGS" else ""
+        raise ConfigError(
+            f"task.relax_opt.optimizer '{optimizer}' is not available{hint}: relaxations use "
+            "LBFGS, the only optimizer (as in OCP); set it to LBFGS or remove the key"
+        )
+    weights = task.tag_specific_weights
+    if weights and (len(weights) != 3 or not all(math.isfinite(w) and w >= 0 for w in weights)):
+        raise ConfigError(
+            f"task.tag_specific_weights must be three weights >= 0 [w0, w1, w2] for tags 0 "
+            f"(subsurface), 1 (surface) and 2 (adsorbate), got {list(weights)}"
+        )
+    if weights and sum(weights) == 0:
+        raise ConfigError("task.tag_specific_weights are all 0: no atom would be trained on")
+    if task.relax_dataset is None:
+        return
+    for key, value in (("relaxation_steps", "200"), ("relaxation_fmax", "0.0 eV/A")):
+        if key not in raw:
+            log.info("task.%s not set: using %s, OCP's default", key, value)
+
+
+def check_tag_weights(config: Config, where: str) -> None:
+    """Log what ``task.tag_specific_weights`` replace (OCP's rule; see
+    :mod:`catforge.training.losses`)."""
+    weights = list(config.task.tag_specific_weights)
+    if not weights:
+        return
+    if config.trainer != "forces":
+        log.warning(
+            "%s: task.tag_specific_weights weigh forces; trainer: energy ignores them", where
+        )
+        return
+    optim, task = config.optim, config.task
+    unused = []
+    if optim.force_coefficient != type(optim)().force_coefficient:
+        unused.append(f"optim.force_coefficient {optim.force_coefficient:g}")
+    if optim.loss_force not in ("mae", "l1"):
+        unused.append(f"optim.loss_force {optim.loss_force}")
+    if task.train_on_free_atoms:
+        unused.append("task.train_on_free_atoms")
+    message = (
+        "%s: task.tag_specific_weights %s: the force loss is the tag-weighted mean absolute "
+        "error over all atoms, with weight 1 (as OCP's forces_trainer)"
+    )
+    if unused:
+        log.warning(message + "; not applied: %s", where, weights, ", ".join(unused))
+    else:
+        log.info(message, where, weights)
 
 
 def check_mode_requirements(config: Config, where: str = "") -> None:

@@ -167,6 +167,11 @@ def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
             key, text = arg[2:], args[index + 1]
             index += 1
         else:
+            if "." not in arg:
+                raise ConfigError(
+                    f"unrecognized argument {arg}; see --help for the flags (config overrides "
+                    "look like --optim.lr_initial=0.001)"
+                )
             raise ConfigError(f"config override {arg} needs a value: {arg}=VALUE")
         _set_dotted(overrides, key, _parse_value(text), arg)
         index += 1

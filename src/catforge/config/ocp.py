@@ -7,14 +7,19 @@ of :mod:`catforge.config.schema` read; the input is never modified. The rules:
   at the top level (as OCP's tutorial shows them) move under ``task:`` with a warning.
 * ``dataset:`` is a list ``[train, val, test]`` (1-3 entries), a dict ``{train, val, test}``, or
   one entry with ``src`` (train only); OCP's separate ``val_dataset``/``test_dataset`` also work.
+  The flags of OCP's OC22 dataset (``lin_ref``, ``oc20_ref``, ...) are dropped when off and
+  refused, with what to do instead, when on (see :data:`OC22_FLAGS`).
 * ``optim.eval_every``: T0's ``-1`` means once per epoch (None); other negative values (T0's
   ``-10000``) mean every ``|n|`` steps, as Python's ``iters % -10000 == 0`` did.
-* ``optim.warmup_epochs`` (T0) implies ``schedule_unit: epochs``.
+* ``optim.warmup_epochs`` (T0) implies ``schedule_unit: epochs``; a negative ``warmup_steps``
+  (OC22 configs' ``-1``) means no warmup, as OCP's ``warmup_lr_lambda`` reads it.
+* ``optim.loss_force: atomwisel2`` without ``force_coefficient`` gets OCP V10's 1 for it.
 * ``optim.scheduler: "Null"`` (OCP: no scheduler) is kept as ``"Null"``: a constant LR;
   ``"LambdaLR"`` (OCP's default, spelled out) becomes None: warmup + milestones. The
   kwargs of a named torch scheduler may sit in ``scheduler_params:`` or, as OCP wrote them, at the
   ``optim`` level; they are moved into ``scheduler_params``.
-* ``optim.optimizer_params.weight_decay`` moves to ``optim.weight_decay``; T0's
+* ``optim.optimizer_params.weight_decay`` stays there: as in OCP it applies to all parameters
+  (``optim.weight_decay`` > 0 exempts biases and embeddings); giving both is an error. T0's
   ``optim.num_gpus`` (in-process DataParallel) is dropped with a warning (use ``--num-gpus``).
 * ``logger:`` is a name or ``{name, project}``; OCP's top-level ``logger_project`` is the project.
 """
@@ -105,7 +110,40 @@ def dataset_splits(raw: Mapping[str, Any], source: str = "") -> dict[str, Any]:
                     f"{_where(source)}both dataset.{split} and {split}_dataset are given; keep one"
                 )
             splits[split] = separate
-    return splits
+    return {
+        split: _without_oc22_flags(entry, f"dataset.{split}", source)
+        for split, entry in splits.items()
+    }
+
+
+OC22_FLAGS = {
+    "lin_ref": "give the references as task.element_references: FILE (a list indexed by atomic "
+    "number, or {Z or symbol: eV})",
+    "train_on_oc20_total_energies": "joint OC20+OC22 training on total energies is not "
+    "supported; train on one dataset",
+    "oc20_ref": "joint OC20+OC22 training on total energies is not supported; train on one dataset",
+    "data2train": "write the subset (adslabs or slabs) to its own LMDB",
+    "subsample": "write the subset to its own LMDB",
+}
+"""Dataset keys of OCP's OC22LmdbDataset that catforge's reader has not, with what to do."""
+
+
+def _without_oc22_flags(entry: object, path: str, source: str) -> object:
+    """``entry`` without OC22 dataset flags that are off (``False``, ``data2train: all``); a flag
+    that is on is a ConfigError saying what to do instead."""
+    if not isinstance(entry, Mapping):
+        return entry
+    out = dict(entry)
+    for key, fix in OC22_FLAGS.items():
+        if key not in out:
+            continue
+        value = out.pop(key)
+        if value and not (key == "data2train" and value == "all"):
+            raise ConfigError(
+                f"{_where(source)}{path}.{key} (a flag of OCP's OC22 dataset) is not supported: "
+                f"{fix}"
+            )
+    return out
 
 
 def normalize_eval_every(value: object, source: str = "") -> object:
@@ -141,23 +179,28 @@ def normalize_optim(
         optim["eval_every"] = normalize_eval_every(optim["eval_every"], source)
     if optim.get("warmup_epochs") is not None and "schedule_unit" not in optim:
         optim["schedule_unit"] = "epochs"
-    _move_weight_decay(optim, source)
+    warmup = optim.get("warmup_steps")
+    if isinstance(warmup, int | float) and not isinstance(warmup, bool) and warmup < 0:
+        log.info("%soptim.warmup_steps %s read as no warmup (as OCP)", _where(source), warmup)
+        optim["warmup_steps"] = 0
+    if optim.get("loss_force") == "atomwisel2" and "force_coefficient" not in optim:
+        log.info("%soptim.force_coefficient not set: using 1, OCP's for atomwisel2", _where(source))
+        optim["force_coefficient"] = 1.0
+    _check_weight_decay(optim, source)
     _move_scheduler_kwargs(optim, set(fields), scheduler_parameters, source)
     return optim
 
 
-def _move_weight_decay(optim: dict[str, Any], source: str) -> None:
+def _check_weight_decay(optim: dict[str, Any], source: str) -> None:
     params = optim.get("optimizer_params")
     if not isinstance(params, Mapping) or "weight_decay" not in params:
         return
     if optim.get("weight_decay") is not None:
         raise ConfigError(
             f"{_where(source)}weight_decay is given both in optim and optim.optimizer_params; "
-            "keep optim.weight_decay"
+            "keep optim.weight_decay (biases and embeddings get none) or "
+            "optim.optimizer_params.weight_decay (all parameters, as OCP)"
         )
-    params = dict(params)
-    optim["weight_decay"] = params.pop("weight_decay")
-    optim["optimizer_params"] = params
 
 
 def _move_scheduler_kwargs(

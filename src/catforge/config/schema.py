@@ -14,6 +14,7 @@ the including file.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,10 +25,11 @@ from typing import Any, Literal
 from catforge.errors import ConfigError
 
 from . import build, ocp
-from .checks import check_mode_requirements, check_optim
-from .fields import field_paths, parse_section, to_plain, unknown_key_error
+from .checks import check_mode_requirements, check_optim, check_tag_weights, check_task
+from .fields import coerce, field_paths, parse_section, to_plain, unknown_key_error
 
 LossName = Literal["mae", "l1", "mse", "l2mae"]
+ForceLossName = Literal["mae", "l1", "mse", "l2mae", "atomwisel2"]
 Mode = Literal["train", "predict", "validate", "run-relaxations"]
 
 
@@ -72,13 +74,18 @@ class DatasetSplits:
 
 @dataclass(frozen=True)
 class RelaxOptConfig:
-    """``task.relax_opt``: batched LBFGS settings (OCP tutorial values; maxstep in A)."""
+    """``task.relax_opt``: batched LBFGS settings (OCP tutorial values; maxstep in A).
+
+    ``optimizer`` names the relaxation optimizer as OCP (fairchem) configs do; LBFGS is the only
+    one (as in fairchem's ``ml_relax``).
+    """
 
     maxstep: float = 0.04
     memory: int = 50
     damping: float = 1.0
     alpha: float = 70.0
     traj_dir: Path | None = None
+    optimizer: str = "LBFGS"
 
 
 @dataclass(frozen=True)
@@ -86,8 +93,11 @@ class TaskConfig:
     """``task:``. ``description``/``type``/``metric``/``labels``/``grad_input`` are informational.
 
     ``element_references``: None, ``"fit"`` (least squares on the training set) or a YAML/JSON
-    file of ``{Z or symbol: eV}``. ``relaxation_fmax`` in eV/A (OCP T0/V3 used 0.0: never
-    converge; catforge uses ASE's 0.05).
+    file of ``{Z or symbol: eV}``. ``relaxation_steps`` and ``relaxation_fmax`` (eV/A) default to
+    OCP's 200 and 0.0 (0.0 never converges: every structure takes all the steps; ASE's usual
+    threshold is 0.05). ``strict_load: False`` loads checkpoints whose keys do not all match (OCP's
+    flag). ``tag_specific_weights`` ``[w0, w1, w2]`` weigh the force loss per atom tag (OCP's
+    ForceNet setting, see :mod:`catforge.training.losses`).
     """
 
     dataset: str = "lmdb"
@@ -103,11 +113,13 @@ class TaskConfig:
     prediction_dtype: Literal["float32", "float16"] = "float32"
     relax_dataset: DatasetConfig | None = None
     write_pos: bool = False
-    relaxation_steps: int = 300
-    relaxation_fmax: float = 0.05
+    relaxation_steps: int = 200
+    relaxation_fmax: float = 0.0
     save_full_traj: bool = True
     num_relaxation_batches: int | None = None
     relax_opt: RelaxOptConfig = field(default_factory=RelaxOptConfig)
+    strict_load: bool = True
+    tag_specific_weights: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,14 +139,15 @@ class ModelConfig:
 class OptimConfig:
     """``optim:``. See the module docs of :mod:`catforge.config.ocp` for OCP spellings.
 
-    ``eval_batch_size`` 0 means ``batch_size`` (resolved on construction). ``weight_decay`` is
-    explicit (OCP silently used AdamW's 0.01). ``scheduler``: None = OCP's warmup + milestones
-    LambdaLR (``lr_gamma ** bisect(lr_milestones, x)`` after a linear warmup from
-    ``warmup_factor``), ``"Null"`` = constant LR, else a torch ``lr_scheduler`` class name with
-    kwargs in ``scheduler_params``. ``lr_milestones`` and the warmup length (``warmup_steps`` or
-    T0's ``warmup_epochs``) are in ``schedule_unit`` units: steps, epochs or fractions of the
-    total steps. ``eval_every``/``checkpoint_every`` in steps (None: once per epoch / at each
-    eval).
+    ``eval_batch_size`` 0 means ``batch_size`` (resolved on construction). ``weight_decay``
+    None (not in the config) is OCP's: the optimizer's own default (AdamW's 0.01) on all
+    parameters; see :func:`catforge.training.optim.build_optimizer`. ``scheduler``: None =
+    OCP's warmup + milestones LambdaLR (``lr_gamma ** bisect(lr_milestones, x)`` after a linear
+    warmup from ``warmup_factor``), ``"Null"`` = constant LR, else a torch ``lr_scheduler`` class
+    name with kwargs in ``scheduler_params``. ``lr_milestones`` and the warmup length
+    (``warmup_steps`` or T0's ``warmup_epochs``) are in ``schedule_unit`` units: steps, epochs or
+    fractions of the total steps. ``eval_every``/``checkpoint_every`` in steps (None: once per
+    epoch / at each eval).
     """
 
     batch_size: int = 32
@@ -143,7 +156,7 @@ class OptimConfig:
     lr_initial: float = 1e-3
     optimizer: str = "AdamW"
     optimizer_params: Mapping[str, Any] = field(default_factory=_empty)
-    weight_decay: float = 0.0
+    weight_decay: float | None = None
     scheduler: str | None = None
     scheduler_params: Mapping[str, Any] = field(default_factory=_empty)
     lr_gamma: float = 0.1
@@ -159,7 +172,7 @@ class OptimConfig:
     energy_coefficient: float = 1.0
     force_coefficient: float = 30.0
     loss_energy: LossName = "mae"
-    loss_force: LossName = "mae"
+    loss_force: ForceLossName = "mae"
     clip_grad_norm: float | None = None
     ema_decay: float | None = None
     load_balancing: Literal["atoms", "neighbors"] | None = None
@@ -229,10 +242,22 @@ class RunOptions:
 
     @classmethod
     def from_namespace(cls, namespace: object) -> RunOptions:
-        """Options from an argparse namespace: its attributes named like fields (others ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {key: value for key, value in vars(namespace).items() if key in names}
-        return cls.from_mapping({key: value for key, value in values.items() if value is not None})
+        """Options from an argparse namespace: its attributes named like fields (others ignored).
+
+        A bad value is a ConfigError naming the flag (``'--mode' must be one of 'train', ...``).
+        """
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for key, value in vars(namespace).items():
+            if key in hints and value is not None:
+                value = ocp.normalize_mode(value) if key == "mode" else value
+                values[key] = coerce(value, hints[key], flag_name(key))
+        return cls(**values)
+
+
+def flag_name(field_name: str) -> str:
+    """The command-line flag of a RunOptions field: ``run_dir`` -> ``--run-dir``."""
+    return "--local_rank" if field_name == "local_rank" else "--" + field_name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -304,6 +329,7 @@ def parse_config(
         slurm=SlurmConfig(params=_parse_slurm(raw.get("slurm"), where)),
         options=options or _parse_options(raw.get("options"), where),
     )
+    check_tag_weights(config, where)
     if options is not None:
         check_mode_requirements(config, where)
     return config
@@ -361,6 +387,7 @@ def _parse_task(raw: object, trainer: object, where: str) -> TaskConfig:
     task = parse_section(TaskConfig, raw, "task", where)
     with _in_file(where):
         lookup(dataset_factories(), task.dataset, "dataset (task.dataset)")
+        check_task(task, raw if isinstance(raw, Mapping) else {})
     if task.primary_metric is not None:
         tasks = ("is2re",) if trainer == "energy" else ("s2ef", "is2re", "is2rs")
         valid = {"loss", *(name for t in tasks for name in TASK_METRICS[t])}

@@ -18,13 +18,17 @@ graph might; such edges get a zero envelope and a zero (not NaN) gradient, as if
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import Embedding, Linear, ModuleList, Sequential
 
 from catforge.data.graph import AtomicGraph
+from catforge.errors import ConfigError
 from catforge.models.forces import ForceModel
 from catforge.models.layers import (
     GaussianSmearing,
@@ -124,6 +128,11 @@ class SchNet(nn.Module):
     when the graph has no edges) edges come from ``radius_graph_pbc(graph, cutoff, max_neighbors)``.
     """
 
+    ignored_checkpoint_keys: ClassVar[tuple[str, ...]] = ("atomic_mass",)
+    """Keys of OCP checkpoints this model has no use for: ``atomic_mass`` (119,) is a buffer that
+    torch_geometric < 2.2's SchNet registers (for its unused dipole option) and OCP-era
+    checkpoints carry; :func:`catforge.checkpoint.load_weights` drops it."""
+
     def __init__(
         self,
         num_atoms: int | None = None,
@@ -141,8 +150,11 @@ class SchNet(nn.Module):
         share_pair_filters: bool = True,
     ) -> None:
         super().__init__()
-        if readout not in READOUTS:
-            raise ValueError(f"SchNet readout must be one of {READOUTS}, got {readout!r}")
+        check_schnet_block(
+            {"hidden_channels": hidden_channels, "num_filters": num_filters,
+             "num_interactions": num_interactions, "num_gaussians": num_gaussians,
+             "cutoff": cutoff, "max_neighbors": max_neighbors, "readout": readout}
+        )  # fmt: skip
         self.use_pbc = use_pbc
         self.otf_graph = otf_graph
         self.hidden_channels = hidden_channels
@@ -222,6 +234,35 @@ class SchNet(nn.Module):
             rbf=self.distance_expansion(distance),
             envelope=cosine_cutoff(distance, self.cutoff) * nonzero,
         )
+
+
+_MINIMUM = {"hidden_channels": 2, "num_filters": 1, "num_interactions": 0, "num_gaussians": 2}
+"""The smallest value of each integer argument SchNet can be built with."""
+
+
+def check_schnet_block(block: Mapping[str, Any]) -> None:
+    """A ConfigError naming ``model.<key>`` and its valid range for a value SchNet cannot use.
+
+    Checks the keys of ``block`` it knows (types are the config parser's business).
+    """
+    cutoff = block.get("cutoff")
+    if cutoff is not None and not (math.isfinite(cutoff) and cutoff > 0):
+        raise ConfigError(
+            f"model.cutoff must be a distance in A > 0 (finite; OCP's configs use 6.0), "
+            f"got {cutoff!r}"
+        )
+    for key, least in _MINIMUM.items():
+        value = block.get(key)
+        if value is not None and value < least:
+            raise ConfigError(f"model.{key} must be >= {least}, got {value!r}")
+    neighbours = block.get("max_neighbors")
+    if neighbours is not None and neighbours < 1:
+        raise ConfigError(
+            f"model.max_neighbors must be >= 1 (or null for no cap), got {neighbours!r}"
+        )
+    readout = block.get("readout")
+    if readout is not None and readout not in READOUTS:
+        raise ConfigError(f"model.readout must be one of {', '.join(READOUTS)}, got {readout!r}")
 
 
 def build_schnet(*, regress_forces: bool = True, **model_block: object) -> ForceModel:

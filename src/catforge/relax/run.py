@@ -11,7 +11,7 @@ A stop signal (SIGTERM, SIGINT, SIGUSR1/2: :mod:`catforge.preemption`) ends the 
 the current optimizer step: finished trajectories stay, unfinished ones are deleted, no result
 files are written, and :class:`~catforge.preemption.Preempted` says to rerun the same command.
 Off a terminal (no progress bar) a line of progress is logged at least every
-:data:`PROGRESS_EVERY` seconds (by rank 0, for its share under DDP).
+:data:`~catforge.progress.HEARTBEAT_SECONDS` (by rank 0, for its share under DDP).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,7 +26,6 @@ import torch
 from torch.utils.data import Dataset
 
 from catforge.atomic import write_json
-from catforge.checkpoint import load_checkpoint
 from catforge.config import Config
 from catforge.data.graph import AtomicGraph
 from catforge.data.samplers import shard_start
@@ -36,15 +34,9 @@ from catforge.errors import ConfigError, DataError
 from catforge.loggers import RunLogger
 from catforge.metrics import format_metrics_table
 from catforge.models.forces import ModelOutput
-from catforge.potential import (
-    Potential,
-    check_checkpoint_task,
-    load_model,
-    load_transform,
-    pick_device,
-)
+from catforge.potential import Potential, pick_device
 from catforge.preemption import Preempted, StopRequest, signal_name, stop_requests
-from catforge.progress import progress, progress_enabled
+from catforge.progress import Heartbeat, progress, progress_enabled
 from catforge.registry import dataset_factories, lookup
 from catforge.relax.driver import RelaxResult, RelaxSettings, relax, without_edges
 from catforge.relax.lbfgs import LBFGSSettings
@@ -58,9 +50,6 @@ from catforge.relax.trajectory import TrajectoryWriter
 from catforge.runs import RunPaths
 
 log = logging.getLogger(__name__)
-
-PROGRESS_EVERY = 30.0
-"""Seconds between progress lines when no progress bar is shown."""
 
 
 def relax_settings(config: Config) -> RelaxSettings:
@@ -126,10 +115,9 @@ def _trajectory_writer(config: Config, settings: RelaxSettings) -> TrajectoryWri
 
 def _load_potential(config: Config, checkpoint: Path) -> Potential:
     """The forces model of ``checkpoint`` (the file is read once); refuses energy-only models."""
-    state = load_checkpoint(checkpoint)
-    check_checkpoint_task(state, checkpoint, "forces", "relaxations")
-    model = load_model(config, state, checkpoint)
-    potential = Potential(model, load_transform(config, state), pick_device(config.options.cpu))
+    potential = Potential.for_task(
+        config, checkpoint, "relaxations", pick_device(config.options.cpu)
+    )
     if not potential.regress_forces:
         raise ConfigError(f"{checkpoint}: its model predicts no forces; relaxations need them")
     return potential
@@ -177,7 +165,7 @@ class _Stopped(Exception):
 class _Watched:
     """The potential as the driver's force field, called once per optimizer step: it ends the
     relaxations (:class:`_Stopped`) on a stop request and logs progress every
-    :data:`PROGRESS_EVERY` seconds when no progress bar is shown."""
+    :data:`~catforge.progress.HEARTBEAT_SECONDS` when no progress bar is shown."""
 
     def __init__(
         self, potential: Potential, stop: StopRequest, total: int, resumed: Sequence[RelaxResult]
@@ -190,7 +178,7 @@ class _Watched:
         self.done = len(resumed)
         self.converged = sum(result.converged for result in resumed)
         self._log = not progress_enabled()
-        self._start = self._logged = time.monotonic()
+        self._heartbeat = Heartbeat()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -203,13 +191,11 @@ class _Watched:
     def __call__(self, graph: AtomicGraph) -> ModelOutput:
         if self.stop.requested:
             raise _Stopped
-        now = time.monotonic()
-        if self._log and now - self._logged >= PROGRESS_EVERY:
-            self._logged = now
-            rate = (self.done - self.resumed) / max(now - self._start, 1e-9)
+        if self._log and self._heartbeat.due():
             log.info(
                 "relaxed %d of %d structures (%d converged), %.1f structures/s",
-                self.done, self.total, self.converged, rate,
+                self.done, self.total, self.converged,
+                self._heartbeat.rate(self.done - self.resumed),
             )  # fmt: skip
         return self.potential(graph)
 
@@ -258,7 +244,9 @@ def _relax_all(
     relaxations = relax(force_field, structures(), settings, observer=writer)
     stopped = False
     try:
-        for result in progress(relaxations, total=len(pending), desc="relaxing"):
+        # The bar on a terminal; elsewhere the force field logs progress (also between results).
+        bar = progress(relaxations, total=len(pending), desc="relaxing", enabled=progress_enabled())
+        for result in bar:
             if writer is not None:
                 writer.finish(result)
             index = pending[result.index]

@@ -20,11 +20,22 @@ local count instead (mean of per-rank means) is wrong when ranks hold different 
 (free atoms, variable-size slabs). Unlike OCP V10's ``DDPLoss`` (which divides the *element* sum
 by the *row* count, 3x the per-component mean for forces and so silently rescales
 ``force_coefficient``), ``count`` here always matches the per-component mean of T0/V3.
+
+``atomwisel2`` (forces only; OCP V10's ``AtomwiseL2Loss`` in ``DDPLoss``, the OC22 configs'
+choice) weighs each atom's ``||dF_i||_2`` by the number of atoms of its structure and divides by
+the number of structures: ``sum_i natoms(i) ||dF_i||_2 / n_graphs`` over the (free) atoms.
+
+Tag-specific force weights (``task.tag_specific_weights: [w0, w1, w2]``, as OCP's
+``forces_trainer`` for ForceNet): the force term becomes ``sum_i w_tag(i) * sum_xyz |dF_i| /
+(3 * sum_i w_tag(i))`` over all atoms, a weighted per-component mean; under DDP the weight sum is
+all-reduced and the result multiplied by ``world_size`` like any other count. As in OCP it
+replaces the configured force loss: the absolute error, every atom (the weights decide), and no
+``force_coefficient``. Atoms whose tag is not 0, 1 or 2 weigh 0.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -36,10 +47,12 @@ __all__ = [
     "LOSSES",
     "LossResult",
     "LossTerm",
+    "atomwise_l2_term",
     "energy_loss",
     "loss_names",
     "loss_term",
     "s2ef_loss",
+    "tag_weighted_term",
 ]
 
 CountReducer = Callable[[Tensor], Tensor]
@@ -53,12 +66,14 @@ class LossTerm:
     count: Tensor
 
     def value(self, count: Tensor | None = None, world_size: int = 1) -> Tensor:
-        """``sum * world_size / count`` (count defaults to the local one; 0 gives a zero loss).
+        """``sum * world_size / count`` (count defaults to the local one; 0 gives a zero loss;
+        a count may be fractional, e.g. a sum of tag weights).
 
         Pass the all-reduced ``count`` and the ``world_size`` under DDP (see the module docstring).
         """
         denominator = self.count if count is None else count
-        return self.sum * world_size / denominator.clamp(min=1.0)
+        safe = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+        return self.sum * world_size / safe
 
 
 def _abs_error(diff: Tensor) -> tuple[Tensor, int]:
@@ -108,6 +123,46 @@ def loss_term(name: str, pred: Tensor, target: Tensor, mask: Tensor | None = Non
     return LossTerm(total, torch.tensor(float(count), device=pred.device, dtype=dtype))
 
 
+def atomwise_l2_term(
+    pred: Tensor, target: Tensor, natoms: Tensor, mask: Tensor | None = None
+) -> LossTerm:
+    """OCP's ``atomwisel2`` of forces (n_atoms, 3): ``(sum_i natoms(i) ||dF_i||_2, n_graphs)``
+    with ``natoms`` (n_graphs,) the atoms per structure (all atoms, as OCP) and ``mask``
+    (n_atoms,) the atoms that count."""
+    if pred.shape != target.shape or int(natoms.sum()) != pred.shape[0]:
+        raise ValueError(
+            f"atomwisel2: prediction {tuple(pred.shape)}, target {tuple(target.shape)}, "
+            f"{int(natoms.sum())} atoms in natoms"
+        )
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    size = natoms.to(dtype).repeat_interleave(natoms.long())
+    norms = torch.linalg.vector_norm(pred.to(dtype) - target.to(dtype), dim=-1)
+    if mask is not None:
+        size, norms = size[mask], norms[mask]
+    count = torch.tensor(float(natoms.numel()), device=pred.device, dtype=dtype)
+    return LossTerm((size * norms).sum(), count)
+
+
+def tag_weighted_term(
+    pred: Tensor, target: Tensor, tags: Tensor, weights: Sequence[float]
+) -> LossTerm:
+    """Forces ``pred``/``target`` (n_atoms, 3) weighted per atom by ``weights[tag]``:
+    ``(sum_i w_i * sum_xyz |dF_i|, 3 * sum_i w_i)`` (module docs; OCP's ``forces_trainer``)."""
+    if len(weights) != 3:
+        raise ValueError(f"tag weights must be [w0, w1, w2], got {list(weights)}")
+    if pred.shape != target.shape or tags.shape != pred.shape[:1]:
+        raise ValueError(
+            f"tag-weighted loss: prediction {tuple(pred.shape)}, target {tuple(target.shape)}, "
+            f"tags {tuple(tags.shape)}"
+        )
+    dtype = torch.promote_types(pred.dtype, torch.float32)
+    table = torch.tensor([*weights, 0.0], dtype=dtype, device=pred.device)
+    index = torch.where((tags >= 0) & (tags <= 2), tags, torch.full_like(tags, 3))
+    weight = table[index.long()]
+    error = (pred.to(dtype) - target.to(dtype)).abs().sum(dim=-1)
+    return LossTerm((error * weight).sum(), 3.0 * weight.sum())
+
+
 @dataclass(frozen=True)
 class LossResult:
     """The loss to backpropagate and its parts for logging.
@@ -135,6 +190,9 @@ def s2ef_loss(
     energy_coefficient: float = 1.0,
     force_coefficient: float = 30.0,
     train_on_free_atoms: bool = True,
+    tag_weights: Sequence[float] | None = None,
+    tags: Tensor | None = None,
+    natoms: Tensor | None = None,
     reduce_count: CountReducer | None = None,
     world_size: int = 1,
 ) -> LossResult:
@@ -142,22 +200,35 @@ def s2ef_loss(
 
     ``energy_*`` (n_graphs,), ``forces_*`` (n_atoms, 3) (omit both for energy only), ``fixed``
     (n_atoms,) bool. With ``train_on_free_atoms`` the force loss covers atoms with
-    ``fixed == False`` only. A zero coefficient drops that term. Under DDP pass
-    ``reduce_count`` (an all-reduce sum of a tensor across ranks) and ``world_size``; see the
-    module docstring for why.
+    ``fixed == False`` only. A zero coefficient drops that term. ``tag_weights`` ``[w0, w1, w2]``
+    with ``tags`` (n_atoms,) make the force term the tag-weighted one of the module docs
+    (replacing ``loss_force``, ``force_coefficient`` and the free-atom mask, as OCP does).
+    ``loss_force="atomwisel2"`` needs ``natoms`` (n_graphs,), the atoms per structure.
+    Under DDP pass ``reduce_count`` (an all-reduce sum of a tensor across ranks) and
+    ``world_size``; see the module docstring for why.
     """
     terms: dict[str, LossTerm] = {}
     weights: dict[str, float] = {}
     if energy_coefficient:
         terms["energy"] = loss_term(loss_energy, energy_pred.reshape(-1), energy_target.reshape(-1))
         weights["energy"] = energy_coefficient
-    if forces_pred is not None and force_coefficient:
+    if forces_pred is not None and tag_weights:
+        if forces_target is None or tags is None:
+            raise ValueError("tag-weighted force loss needs forces_target and tags")
+        terms["forces"] = tag_weighted_term(forces_pred, forces_target, tags, tag_weights)
+        weights["forces"] = 1.0
+    elif forces_pred is not None and force_coefficient:
         if forces_target is None:
             raise ValueError("forces_pred given without forces_target")
         mask = None
         if train_on_free_atoms and fixed is not None:
             mask = ~fixed.to(torch.bool)
-        terms["forces"] = loss_term(loss_force, forces_pred, forces_target, mask)
+        if loss_force == "atomwisel2":
+            if natoms is None:
+                raise ValueError("loss 'atomwisel2' needs natoms, the atoms per structure")
+            terms["forces"] = atomwise_l2_term(forces_pred, forces_target, natoms, mask)
+        else:
+            terms["forces"] = loss_term(loss_force, forces_pred, forces_target, mask)
         weights["forces"] = force_coefficient
     if not terms:
         raise ValueError("both loss coefficients are zero: nothing to train on")

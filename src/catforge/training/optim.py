@@ -101,35 +101,53 @@ def build_optimizer(
     name: str = "AdamW",
     *,
     lr: float,
-    weight_decay: float = 0.0,
+    weight_decay: float | None = None,
     optimizer_params: Mapping[str, Any] | None = None,
 ) -> Optimizer:
     """Any ``torch.optim`` optimizer by name over the trainable parameters of ``model``.
 
-    ``weight_decay`` is explicit and defaults to 0 (OCP T0 silently used AdamW's 0.01). When it
-    is > 0, parameters whose names contain "embedding", "frequencies" or "bias" get none (OCP V3).
+    Weight decay follows OCP's ``base_trainer.load_optimizer``:
+
+    - ``weight_decay > 0``: parameters whose names contain "embedding", "frequencies" or "bias"
+      get none, the others ``weight_decay``;
+    - ``None`` (``optim.weight_decay`` not in the config): one group of all parameters with the
+      optimizer's own default (AdamW: 0.01, logged) or ``optimizer_params["weight_decay"]``;
+    - ``0``: no weight decay (OCP fell back to the optimizer's default here as well).
+
     ``optimizer_params`` go to the constructor, checked against its signature.
     """
     cls = lookup(optimizer_classes(), name, "optimizer")
-    kwargs = _checked_kwargs(
-        cls, optimizer_params or {}, f"optimizer {name}", ("params", "lr", "weight_decay")
-    )
-    accepts_decay = "weight_decay" in inspect.signature(cls).parameters
-    if weight_decay < 0 or (weight_decay > 0 and not accepts_decay):
+    params = dict(optimizer_params or {})
+    signature = inspect.signature(cls).parameters
+    accepts_decay = "weight_decay" in signature
+    if "weight_decay" in params and weight_decay is not None:
+        raise ConfigError(
+            f"optimizer {name}: weight_decay is given both in optim and optim.optimizer_params; "
+            "keep one"
+        )
+    kwargs = _checked_kwargs(cls, params, f"optimizer {name}", ("params", "lr"))
+    if weight_decay is not None and (weight_decay < 0 or (weight_decay > 0 and not accepts_decay)):
         raise ConfigError(f"optimizer {name}: weight_decay {weight_decay} is not allowed")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if weight_decay > 0:
-        decay = [p for n, p in named if not any(key in n for key in NO_DECAY_KEYS)]
+    groups: list[dict[str, Any]]
+    if weight_decay is not None and weight_decay > 0:
         no_decay = [p for n, p in named if any(key in n for key in NO_DECAY_KEYS)]
+        decay = [p for n, p in named if not any(key in n for key in NO_DECAY_KEYS)]
         groups = [
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
         groups = [group for group in groups if group["params"]]
-    elif accepts_decay:
+    elif weight_decay is not None and accepts_decay:
         groups = [{"params": [p for _, p in named], "weight_decay": 0.0}]
     else:
         groups = [{"params": [p for _, p in named]}]
+        if accepts_decay and "weight_decay" not in kwargs:
+            log.info(
+                "optim.weight_decay not set: using %g on all parameters, the %s default OCP "
+                "used; set optim.weight_decay to choose (> 0 exempts biases and embeddings)",
+                signature["weight_decay"].default, name,
+            )  # fmt: skip
     optimizer: Optimizer = cls(groups, lr=lr, **kwargs)  # type: ignore[call-arg]
     return optimizer
 
@@ -216,7 +234,7 @@ def build_scheduler(
     gamma: float = 0.1,
     unit: Literal["steps", "epochs", "fraction"] = "steps",
     params: Mapping[str, Any] | None = None,
-    mode: Literal["min", "max"] = "min",
+    metric: tuple[str, Literal["min", "max"]] | None = None,
 ) -> LRSchedule:
     """The LR schedule ``name`` (OCP's ``optim.scheduler``).
 
@@ -226,8 +244,11 @@ def build_scheduler(
     - any ``torch.optim.lr_scheduler`` class: built with ``params`` (checked against its
       signature), stepped per batch (step counts in its arguments are optimizer steps);
       ``CosineAnnealingLR.T_max`` and ``OneCycleLR.total_steps`` default to ``total_steps``.
-    - ``"ReduceLROnPlateau"``: stepped at each eval with the primary metric; ``mode`` comes from
-      the metric's direction.
+    - ``"ReduceLROnPlateau"``: stepped at each eval with the primary val metric, ``metric`` =
+      (its name, its direction). As OCP's trainers (``scheduler.step(val_metrics[primary])``,
+      kwargs passed to torch as given), ``mode`` is the config's, else torch's default
+      ``"min"``; a warning says so when it is not the metric's direction (OCP's S2EF configs
+      with ``mode: min`` step on ``energy_force_within_threshold``, higher is better).
     """
     table: dict[str, type | None] = {**_scheduler_classes(), "LambdaLR": None, "Null": None}
     label = name or "LambdaLR"
@@ -248,17 +269,27 @@ def build_scheduler(
         log.warning("scheduler %s: warmup and lr_milestones are ignored", label)
     kwargs = dict(params or {})
     if label == "ReduceLROnPlateau":
-        if kwargs.setdefault("mode", mode) != mode:
-            raise ConfigError(
-                f"ReduceLROnPlateau mode '{kwargs['mode']}' contradicts the primary metric, "
-                f"which wants '{mode}'"
-            )
+        _check_plateau_mode(kwargs.get("mode", "min"), metric)
     elif label == "CosineAnnealingLR":
         kwargs.setdefault("T_max", total_steps)
     elif label == "OneCycleLR" and "epochs" not in kwargs:
         kwargs.setdefault("total_steps", total_steps)
     kwargs = _checked_kwargs(cls, kwargs, f"scheduler {label}", ("optimizer", "last_epoch"))
     return LRSchedule(optimizer, cls(optimizer, **kwargs), label)
+
+
+def _check_plateau_mode(mode: object, metric: tuple[str, str] | None) -> None:
+    """Warn when ReduceLROnPlateau's ``mode`` is not the direction of the metric it steps on."""
+    if metric is None or mode == metric[1]:
+        return
+    name, direction = metric
+    better = "higher" if direction == "max" else "lower"
+    log.warning(
+        "scheduler ReduceLROnPlateau steps on the primary metric %s (%s is better) with mode "
+        "'%s', as OCP's trainer does: the LR drops when %s stops %s. Set optim.mode: %s (or "
+        "another task.primary_metric) to drop it when the metric stops improving",
+        name, better, mode, name, "decreasing" if mode == "min" else "increasing", direction,
+    )  # fmt: skip
 
 
 def _ocp_lambda(
