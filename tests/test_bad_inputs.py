@@ -103,6 +103,18 @@ def world(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> World:
     pos[2, 1] = np.nan
     files["nan"].parent.mkdir()
     write_raw_lmdb(files["nan"], [*good[:1], {**good[1], "pos": pos, "sid": 41}, *good[2:]] * 6)
+    empty_structure = {name: np.asarray(value)[:0] for name, value in good[0].items()
+                       if name in ("pos", "atomic_numbers", "tags", "fixed", "force")}  # fmt: skip
+    files["no_atoms"] = data / "no_atoms" / "data.0000.lmdb"
+    files["no_atoms"].parent.mkdir()
+    write_raw_lmdb(files["no_atoms"], [good[0], {**good[0], **empty_structure, "sid": 7}, good[2]])
+    files["flipped"] = data / "flipped" / "data.0000.lmdb"
+    write_lmdb(graphs(), files["flipped"])
+    content = bytearray(files["flipped"].read_bytes())
+    at = content.find(graphs()[3].pos.numpy().tobytes())
+    assert at > 0
+    content[at + 5] ^= 0x40  # one flipped bit inside the positions of entry 3
+    files["flipped"].write_bytes(bytes(content))
     world = World(root, demo, s2ef_run, is2re_run, files)
     source = Path(world.checkpoint(s2ef_run)).read_bytes()
     files["truncated"].write_bytes(source[: len(source) // 2])
@@ -209,6 +221,12 @@ CASES = [
     Case("export of a missing dataset",
          lambda w: ["data", "export", "--format", "ocp", "no/such/data", "--out", "ocp_out"],
          ("no/such/data",)),
+    Case("a structure without atoms",
+         lambda w: ["--mode", "train", *w.s2ef("--dataset.train.src=data/no_atoms")],
+         ("data.0000.lmdb entry 1 (sid 7)", "no atoms", "skip_bad_entries")),
+    Case("flipped bytes in a training file",
+         lambda w: ["--mode", "train", *w.s2ef("--dataset.train.src=data/flipped")],
+         ("data.0000.lmdb entry 3", "checksum", "corrupt")),
     Case("demo into a folder with files",
          lambda w: ["data", "demo", "--out", str(w.files["empty"].parent), "--size", "tiny"],
          ("--overwrite",)),
@@ -263,3 +281,15 @@ def test_the_nan_entry_of_the_table_is_really_bad(world: World) -> None:
     dataset[0]
     with pytest.raises(Exception, match="NaN"):
         dataset[1]
+
+
+def test_skip_bad_entries_trains_on_the_good_ones(world: World) -> None:
+    """``dataset.train.skip_bad_entries: true`` leaves the NaN entries out, with a count."""
+    argv = ["--mode", "train", *world.s2ef(*NAN_TRAINING, "--dataset.train.skip_bad_entries=true"),
+            "--optim.max_steps=2", "--debug"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(ROOT / "main.py"), *argv], cwd=world.root, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipped 6 bad entries of 18" in done.stderr
+    assert "training s2ef: 12 structures" in done.stderr

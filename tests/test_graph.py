@@ -56,7 +56,18 @@ def test_zero_cell_means_not_periodic() -> None:
         ({"pos": np.full((3, 3), np.nan)}, "'pos' contains NaN"),
         ({"force": np.zeros((2, 3))}, "'force' has shape (2, 3)"),
         ({"tags": np.zeros(4)}, "'tags' has shape (4,)"),
-        ({"atomic_numbers": np.array([8, 0, 1])}, "'atomic_numbers' must lie in 1..118"),
+        (
+            {"atomic_numbers": np.array([8, 0, 1])},
+            "'atomic_numbers' holds 0 at atom 1; atomic numbers must lie in 1..118",
+        ),
+        (
+            {"atomic_numbers": np.array([8, 1, 200])},
+            "'atomic_numbers' holds 200 at atom 2; atomic numbers must lie in 1..118",
+        ),
+        (
+            {"pos": np.zeros((0, 3)), "atomic_numbers": np.zeros(0, dtype=np.int64)},
+            "structure has no atoms; every structure needs at least one atom",
+        ),
         ({"atomic_numbers": np.array([8.5, 1, 1])}, "'atomic_numbers' must hold integers"),
         ({"edge_index": np.array([[0, 5], [1, 0]])}, "'edge_index' refers to atoms outside"),
         ({"pos": "abc"}, "'pos' cannot be read as an array"),

@@ -19,6 +19,7 @@ from catforge.errors import DataError
 from tests.factories import structures
 
 KEYS = {"path", "entries", "fields", "natoms", "elements", "energy_mean", "energy_std", "force_std"}
+KEYS |= {"bad_entries"}
 S2EF_FIELDS = ["pos", "atomic_numbers", "cell", "pbc", "natoms", "tags", "fixed", "y", "force"]
 S2EF_FIELDS += ["sid", "fid"]
 REAL = ["random1000100.traj", "random1000142.traj", "random1447590.traj"]
@@ -41,6 +42,7 @@ def expected_summary(frames: list, energies: list[float], with_forces: bool) -> 
 
 def check(summary: dict, expected: dict) -> None:
     assert set(summary) == KEYS
+    assert summary["bad_entries"] == {"count": 0, "first": []}
     assert json.loads(json.dumps(summary)) == summary  # JSON-serialisable as is
     for key, value in expected.items():
         if isinstance(value, float):

@@ -321,6 +321,8 @@ def _bad_inputs(tmp_path: Path, trajs: Path, case: str) -> tuple[list[Path], str
             for atoms in frames:
                 traj.write(atoms)
         return [tmp_path / "nan.traj"], "s2ef", r"nan\.traj frame 1: positions contain NaN"
+    if case in ("nan forces", "nan relaxed energy", "no atoms", "atomic number 0"):
+        return _invalid_frames(tmp_path, case)
     if case == "no ref energy":
         return [trajs / "plain.traj"], "s2ef", r"plain\.traj frame 0: --ref-energy needs"
     if case == "db partial key":
@@ -333,10 +335,33 @@ def _bad_inputs(tmp_path: Path, trajs: Path, case: str) -> tuple[list[Path], str
     return [tmp_path / "mix.extxyz"], "is2re", r"mix\.extxyz frame 1: atoms differ .*relaxation_id"
 
 
+def _invalid_frames(tmp_path: Path, case: str) -> tuple[list[Path], str, str]:
+    """An extxyz whose frame 1 is invalid in the way ``case`` says."""
+    frames = [emt_slab(seed=1), emt_slab(seed=2)]
+    bad = frames[1]
+    energy, forces = bad.get_potential_energy(), bad.get_forces(apply_constraint=False)
+    task, pattern = "s2ef", r"x\.extxyz frame 1: field 'force' contains NaN or infinite values"
+    if case == "nan forces":
+        forces[3, 1] = np.nan
+    elif case == "nan relaxed energy":
+        energy, task, pattern = np.nan, "is2re", r"x\.extxyz frame 1: energy is NaN or infinite"
+    elif case == "no atoms":
+        bad = Atoms(cell=bad.cell, pbc=True)
+        forces = np.zeros((0, 3))
+        pattern = r"x\.extxyz frame 1: structure has no atoms; every structure needs at least one"
+    else:
+        bad.numbers[4] = 0
+        pattern = r"x\.extxyz frame 1: 'atomic_numbers' holds 0 at atom 4; atomic numbers must"
+    bad.calc = SinglePointCalculator(bad, energy=energy, forces=forces)
+    ase.io.write(tmp_path / "x.extxyz", [frames[0], bad])
+    return [tmp_path / "x.extxyz"], task, pattern
+
+
 ERROR_CASES = [
     "missing", "empty folder", "corrupt traj", "corrupt db", "no energy", "no forces",
     "short txt", "long txt", "malformed txt", "nan positions", "no ref energy",
-    "db partial key", "mixed relaxation",
+    "db partial key", "mixed relaxation", "nan forces", "nan relaxed energy", "no atoms",
+    "atomic number 0",
 ]  # fmt: skip
 
 

@@ -153,13 +153,13 @@ def test_bad_entries_name_file_entry_and_field(tmp_path: Path) -> None:
         txn.put(b"length", pickle.dumps(4))
     env.close()
     dataset = LmdbDataset(path)
-    with pytest.raises(DataError, match=r"data.lmdb entry 0: field 'pos' contains NaN"):
+    with pytest.raises(DataError, match=r"data.lmdb entry 0 \(sid 0\): field 'pos' contains NaN"):
         dataset[0]
-    with pytest.raises(DataError, match=r"data.lmdb entry 1: required field 'atomic_numbers'"):
+    with pytest.raises(DataError, match=r"data.lmdb entry 1 \(sid 0\): required field 'atomic"):
         dataset[1]
-    with pytest.raises(DataError, match=r"data.lmdb entry 2"):
+    with pytest.raises(DataError, match=r"data.lmdb entry 2: corrupt or truncated pickle"):
         dataset[2]
-    with pytest.raises(DataError, match=r"entry 3 is missing"):
+    with pytest.raises(DataError, match=r"data.lmdb entry 3: missing \(truncated or corrupt"):
         dataset[3]
 
 

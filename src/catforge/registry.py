@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
-from typing import TypeVar
+from collections.abc import Callable, Mapping, Sized
+from typing import TYPE_CHECKING, TypeVar
 
-from catforge.errors import ConfigError
+from catforge.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+    from catforge.config import DatasetConfig
+    from catforge.data.graph import AtomicGraph
 
 T = TypeVar("T")
 
@@ -42,6 +48,24 @@ def dataset_factories() -> dict[str, Callable[..., object]]:
         "trajectory_lmdb": LmdbDataset,
         "oc22_lmdb": LmdbDataset,
     }
+
+
+def open_dataset(name: str, entry: DatasetConfig, key: str) -> Dataset[AtomicGraph]:
+    """The dataset class ``name`` (``task.dataset``) over ``entry.src``; errors name the config
+    ``key`` (``dataset.val.src``, ...), and an empty dataset is an error: it would silently mean
+    no training, no validation or empty result files."""
+    factory = lookup(dataset_factories(), name, "dataset (task.dataset)")
+    options = {"skip_bad_entries": True} if entry.skip_bad_entries else {}
+    try:
+        dataset = factory(entry.src, **options)
+    except DataError as error:
+        raise DataError(f"{key}: {error}") from None
+    if not isinstance(dataset, Sized):
+        raise TypeError(f"dataset '{name}' is not a sized dataset")
+    if len(dataset) == 0:
+        split = key.removesuffix(".src")
+        raise DataError(f"{key}: {entry.src} holds no structures; point {split} at a dataset")
+    return dataset  # type: ignore[return-value]
 
 
 def model_factories() -> dict[str, Callable[..., object]]:

@@ -42,6 +42,8 @@ class DatasetConfig:
     """One dataset entry: an LMDB file or a folder of ``*.lmdb`` shards, and its label stats.
 
     The stats are in eV (energy) and eV/A (forces); None means "compute from the training set".
+    ``skip_bad_entries`` reads every entry once at the start and leaves out (with a warning and
+    a count) those that fail validation, instead of stopping at the first one.
     """
 
     src: Path
@@ -50,6 +52,7 @@ class DatasetConfig:
     target_std: float | None = None
     grad_target_mean: float | None = None
     grad_target_std: float | None = None
+    skip_bad_entries: bool = False
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,8 @@ class AtomicGraph:
         }
 
     def validate(self, source: str = "structure") -> AtomicGraph:
-        """Check shapes, dtypes, counts and finiteness; raise DataError naming the bad field."""
+        """Check shapes, dtypes, counts, finiteness, Z in 1..118 and that every structure has
+        atoms; raise DataError naming ``source`` and the bad field."""
         check_arrays(
             {name: getattr(self, name).detach().cpu().numpy() for name in self.present()}, source
         )
@@ -174,15 +175,30 @@ def check_arrays(arrays: Mapping[str, np.ndarray], source: str) -> None:
             )
         if spec.kind == "float" and not np.isfinite(array).all():
             raise DataError(f"{source}: field '{name}' contains NaN or infinite values")
+    if natoms.size and natoms.min() < 1:
+        empty = int(np.flatnonzero(natoms < 1)[0])
+        which = "" if len(natoms) == 1 else f" (structure {empty} of the batch)"
+        raise DataError(
+            f"{source}: structure has no atoms{which}; every structure needs at least one atom "
+            "(remove it from the input)"
+        )
     if natoms.sum() != n_atoms:
         total = int(natoms.sum())
         raise DataError(f"{source}: 'natoms' sums to {total} but 'pos' has {n_atoms} atoms")
-    numbers = arrays[keys.ATOMIC_NUMBERS]
-    if numbers.size and (numbers.min() < 1 or numbers.max() > 118):
-        raise DataError(f"{source}: 'atomic_numbers' must lie in 1..118")
+    check_atomic_numbers(arrays[keys.ATOMIC_NUMBERS], source)
     if not np.array_equal(arrays[keys.BATCH], np.repeat(np.arange(len(natoms)), natoms)):
         raise DataError(f"{source}: 'batch' does not match 'natoms'")
     _validate_edges(arrays, n_atoms, source)
+
+
+def check_atomic_numbers(numbers: np.ndarray, source: str) -> None:
+    """Raise DataError naming the first atomic number outside 1..118 and its atom index."""
+    if numbers.size and (numbers.min() < 1 or numbers.max() > 118):
+        atom = int(np.flatnonzero((numbers < 1) | (numbers > 118))[0])
+        raise DataError(
+            f"{source}: 'atomic_numbers' holds {int(numbers[atom])} at atom {atom}; "
+            "atomic numbers must lie in 1..118"
+        )
 
 
 def _validate_edges(arrays: Mapping[str, np.ndarray], n_atoms: int, source: str) -> None:

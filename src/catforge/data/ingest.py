@@ -11,6 +11,10 @@ other file; raw layout: each txt sid) is one relaxation from its lowest to its h
 frames with different atoms in one relaxation are an error. Everything is written to a hidden
 ``.out.tmp-*`` folder that is renamed into place at the end (:mod:`catforge.data.staging`).
 
+Every frame is validated before it is written (finite positions, energies and forces, atomic
+numbers in 1..118, at least one atom): a bad one is a DataError naming its input file and frame,
+and nothing is written.
+
 Reference energies (``ref_energy=True``) come from the txt's third column, else from
 ``atoms.info["ref_energy"]`` (extxyz comment ``ref_energy=...``, db key-value pair).
 """
@@ -112,6 +116,8 @@ def _energy(frame: Frame, ref_energy: bool) -> float:
             "results with the structure, e.g. write the file after computing them)"
         )
     energy = float(frame.atoms.get_potential_energy())
+    if not np.isfinite(energy):
+        raise DataError(f"{frame.where}: energy is NaN or infinite; remove or repair this frame")
     if not ref_energy:
         return energy
     if frame.ref is None:
@@ -120,6 +126,8 @@ def _energy(frame: Frame, ref_energy: bool) -> float:
             "atoms.info['ref_energy'] (extxyz comment 'ref_energy=...', db key-value pair "
             "'ref_energy'), use OC20's <k>.extxyz + <k>.txt layout, or drop --ref-energy"
         )
+    if not np.isfinite(frame.ref):
+        raise DataError(f"{frame.where}: reference energy is NaN or infinite; repair it")
     return energy - frame.ref
 
 
@@ -331,7 +339,7 @@ def ingest(
     summary = IngestSummary(
         task, out, len(energies), len(sources), [out / name for name in names], skipped, stats
     )
-    log.info("%s: wrote %d entries to %s", task, summary.entries, out)
+    log.debug("%s: wrote %d entries to %s", task, summary.entries, out)  # the CLI prints it
     return summary
 
 

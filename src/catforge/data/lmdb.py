@@ -1,9 +1,17 @@
-"""LMDB storage of atomic graphs: a batched atomic writer and a lazily opened, concatenating reader.
+"""LMDB storage of atomic graphs: a validating batched writer and a lazily opened, concatenating,
+checksum-verifying reader.
 
-Layout (compatible with OCP's): keys are ASCII decimals ``b"0".. b"N-1"``, each value one structure
+Layout (OCP's keys): keys are ASCII decimals ``b"0".. b"N-1"``, each value one structure
 (a pickled dict of numpy arrays; OC20's pickled torch_geometric ``Data`` values are read too), plus
-``b"length"`` (the entry count) and ``b"metadata"`` (per-entry ``natoms`` and ``neighbors``, for
-load balancing). A dataset is one ``.lmdb`` file or a folder of them, concatenated in sorted order.
+``b"length"`` (the entry count), ``b"metadata"`` (per-entry ``natoms`` and ``neighbors``, for
+load balancing) and ``b"checksums"``: N + 2 little-endian uint32, the ``zlib.crc32`` of each
+entry's value in key order, of the ``metadata`` value, and of the preceding 4 (N + 1) bytes.
+LMDB keeps no checksums of its own; files without the key (OCP's, older catforge files) are read
+unverified. A dataset is one ``.lmdb`` file or a folder of them, concatenated in sorted order.
+
+Every error about one entry is a DataError whose message starts ``<file> entry <N>: `` or
+``<file> entry <N> (sid <sid>): `` (N counts within that file); LMDB's own errors on a damaged
+file become a DataError naming the file.
 """
 
 from __future__ import annotations
@@ -12,24 +20,38 @@ import bisect
 import logging
 import os
 import pickle
+import zlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import lmdb
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from catforge.data import keys
 from catforge.data.graph import AtomicGraph
+from catforge.data.lmdb_store import (
+    CHECKSUMS_KEY,
+    LENGTH_KEY,
+    METADATA_KEY,
+    corrupt,
+    corruption_named,
+    lmdb_files,
+    pack_checksums,
+    read_checksums,
+    read_length,
+    reader,
+)
 from catforge.data.pickles import dumps_entry, loads_entry
 from catforge.errors import DataError
+from catforge.progress import progress
 
 log = logging.getLogger(__name__)
 
-LENGTH_KEY = b"length"
-METADATA_KEY = b"metadata"
 _MAP_SIZE = 1 << 40  # 1 TiB of address space; the file only grows as data is written
 
 
@@ -38,7 +60,7 @@ class LmdbWriter:
 
     Data goes to ``<path>.partial`` and is renamed to ``path`` by :meth:`close`, so an interrupted
     write never leaves a file that looks complete. Used as a context manager, an exception discards
-    the partial file.
+    the partial file. Each value's CRC32 is kept and stored under ``checksums`` by :meth:`close`.
     """
 
     def __init__(self, path: str | Path, *, commit_every: int = 1000) -> None:
@@ -54,14 +76,22 @@ class LmdbWriter:
         self._pending = 0
         self._natoms: list[int] = []
         self._neighbors: list[int] = []
+        self._checksums: list[int] = []
 
     def __len__(self) -> int:
         return len(self._natoms)
 
     def write(self, graph: AtomicGraph) -> None:
-        """Append one structure (a graph with ``n_graphs == 1``)."""
+        """Validate and append one structure (a graph with ``n_graphs == 1``).
+
+        An invalid graph (NaN/inf, Z outside 1..118, no atoms, bad shapes) raises DataError
+        ``<path> entry <N> (sid <sid>): <reason>`` and is not written; the writer stays usable.
+        """
         index = len(self._natoms)
-        self._txn.put(str(index).encode("ascii"), dumps_entry(graph.to_fields()))
+        graph.validate(_entry_name(str(self.path), index, _sid(graph.sid)))
+        value = dumps_entry(graph.to_fields())
+        self._txn.put(str(index).encode("ascii"), value)
+        self._checksums.append(zlib.crc32(value))
         self._natoms.append(graph.n_atoms)
         self._neighbors.append(graph.n_edges)
         self._pending += 1
@@ -71,13 +101,16 @@ class LmdbWriter:
             self._pending = 0
 
     def close(self) -> None:
-        """Write the length and metadata keys, flush, and move the file into place."""
-        metadata = {
-            "natoms": np.asarray(self._natoms, dtype=np.int64),
-            "neighbors": np.asarray(self._neighbors, dtype=np.int64),
-        }
+        """Write the length, metadata and checksums keys, flush, and move the file into place."""
+        metadata = dumps_entry(
+            {
+                "natoms": np.asarray(self._natoms, dtype=np.int64),
+                "neighbors": np.asarray(self._neighbors, dtype=np.int64),
+            }
+        )
         self._txn.put(LENGTH_KEY, pickle.dumps(len(self._natoms), protocol=5))
-        self._txn.put(METADATA_KEY, dumps_entry(metadata))
+        self._txn.put(METADATA_KEY, metadata)
+        self._txn.put(CHECKSUMS_KEY, pack_checksums(self._checksums, metadata))
         self._txn.commit()
         self._env.sync()
         self._env.close()
@@ -134,79 +167,32 @@ def write_shards(graphs: Iterable[AtomicGraph], out_dir: str | Path, n_shards: i
     return [writer.path for writer in writers]
 
 
-def lmdb_files(src: str | Path) -> list[Path]:
-    """The ``.lmdb`` files of a dataset path (one file, or a folder's ``*.lmdb`` sorted by name)."""
-    path = Path(src)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder; check the dataset 'src' path")
-    if path.is_file():
-        return [path]
-    files = sorted(path.glob("*.lmdb"))
-    if not files:
-        raise DataError(f"{path}: folder holds no *.lmdb files; run 'catforge data ingest' first")
-    return files
+@dataclass(frozen=True)
+class BadEntry:
+    """An entry that cannot be used: its file, index in that file, sid (when readable), why."""
+
+    file: str
+    entry: int
+    sid: int | None
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{_entry_name(self.file, self.entry, self.sid)}: {self.reason}"
 
 
-_READERS: dict[Path, lmdb.Environment] = {}
-_READERS_PID = os.getpid()
+def _entry_name(file: str, entry: int, sid: int | None) -> str:
+    return f"{file} entry {entry}" + ("" if sid is None else f" (sid {sid})")
 
 
-def _reader(path: Path) -> lmdb.Environment:
-    """This process's read-only environment of ``path``, opened on first use and then shared.
-
-    LMDB allows one environment per file and process, so every dataset over the same file shares
-    it; after a ``fork`` the child drops the inherited handles and opens its own.
-    """
-    global _READERS_PID
-    if os.getpid() != _READERS_PID:
-        _READERS.clear()
-        _READERS_PID = os.getpid()
-    key = path.resolve()
-    env = _READERS.get(key)
-    if env is None:
-        env = _READERS[key] = _open_env(path)
-    return env
+def _sid(value: Any) -> int | None:
+    """An entry's ``sid`` when it is one integer (array, tensor or scalar), else None."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value) if value is not None else np.zeros(0)
+    return int(array.reshape(-1)[0]) if array.size == 1 and array.dtype.kind in "iu" else None
 
 
-def _open_env(path: Path) -> lmdb.Environment:
-    """Open read-only, refusing a file shorter than its own page table says (truncated)."""
-    try:
-        env = lmdb.open(
-            str(path),
-            subdir=False,
-            readonly=True,
-            lock=False,
-            readahead=False,
-            meminit=False,
-            max_readers=1,
-        )
-    except lmdb.Error as error:
-        raise DataError(
-            f"{path}: not a readable LMDB file (corrupt or truncated?): {error}"
-        ) from error
-    needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-    if path.stat().st_size < needed:
-        env.close()
-        raise DataError(
-            f"{path}: LMDB file is truncated ({path.stat().st_size} of {needed} bytes); "
-            "copy or regenerate it"
-        )
-    return env
-
-
-def _read_length(env: lmdb.Environment, path: Path) -> int:
-    """Entry count: the ``length`` key if present (OCP S2EF, catforge), else the key count."""
-    with env.begin() as txn:
-        raw = txn.get(LENGTH_KEY)
-        if raw is None:
-            return int(env.stat()["entries"]) - (txn.get(METADATA_KEY) is not None)
-    try:
-        length = pickle.loads(raw)
-    except Exception as error:
-        raise DataError(f"{path}: the 'length' key is unreadable: {error}") from error
-    if not isinstance(length, int) or length < 0:
-        raise DataError(f"{path}: the 'length' key holds {length!r}, expected a count")
-    return length
+_MISMATCH = "stored bytes do not match their checksum (the file is corrupt; copy or regenerate it)"
 
 
 class LmdbDataset(Dataset[AtomicGraph]):
@@ -215,50 +201,147 @@ class LmdbDataset(Dataset[AtomicGraph]):
     Environments are opened lazily in each process (checked by pid) and shared by all datasets of
     that process, so the dataset works in DataLoader workers and under DDP without using LMDB
     handles across ``fork``.
+
+    ``verify_checksums`` checks every value read against the file's stored CRC32 (files without
+    a ``checksums`` key are read unverified). ``skip_bad_entries`` reads and validates every
+    entry once here (a progress bar), leaves out those that fail (:attr:`skipped`, one warning)
+    and indexes the rest: ``len``, indices, :meth:`locate`, :meth:`raw`, :meth:`fields` and
+    :attr:`metadata` then cover the good entries only. Off, nothing is read in advance and a
+    bad entry raises DataError when it is read.
     """
 
-    def __init__(self, src: str | Path, *, float_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        src: str | Path,
+        *,
+        float_dtype: torch.dtype = torch.float32,
+        skip_bad_entries: bool = False,
+        verify_checksums: bool = True,
+    ) -> None:
         self.src = Path(src)
         self.files = lmdb_files(self.src)
         self.float_dtype = float_dtype
-        lengths = [_read_length(_reader(path), path) for path in self.files]
+        self._names = [str(path) for path in self.files]
+        lengths = [read_length(reader(path), path) for path in self.files]
+        self._checksums = [
+            read_checksums(reader(path), path, length) if verify_checksums else None
+            for path, length in zip(self.files, lengths, strict=True)
+        ]
         self._offsets = np.cumsum([0, *lengths]).tolist()
         self._metadata: dict[str, np.ndarray] | None = None
+        self._index: np.ndarray | None = None
+        self.skipped: list[BadEntry] = []
+        """The entries ``skip_bad_entries`` left out, in file order (empty when off)."""
+        if skip_bad_entries:
+            self._skip_bad_entries()
 
     def __len__(self) -> int:
-        return int(self._offsets[-1])
+        return int(self._offsets[-1]) if self._index is None else len(self._index)
 
     def locate(self, index: int) -> tuple[int, int]:
-        """(file number, index within that file) of a global index."""
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} entries in {self.src}")
-        index %= len(self)
-        file_index = bisect.bisect_right(self._offsets, index) - 1
-        return file_index, index - self._offsets[file_index]
+        """(file number, index within that file) of a dataset index."""
+        length = len(self)
+        if not -length <= index < length:
+            raise IndexError(f"index {index} out of range for {length} entries in {self.src}")
+        index %= length
+        return self._split(index if self._index is None else int(self._index[index]))
+
+    def _split(self, position: int) -> tuple[int, int]:
+        """(file number, index within that file) of a position among all stored entries."""
+        file_index = bisect.bisect_right(self._offsets, position) - 1
+        return file_index, position - self._offsets[file_index]
 
     def _env(self, file_index: int) -> lmdb.Environment:
-        return _reader(self.files[file_index])
+        return reader(self.files[file_index])
 
     def raw(self, index: int) -> bytes:
-        """The stored bytes of one entry."""
-        file_index, local = self.locate(index)
-        with self._env(file_index).begin() as txn:
-            raw = txn.get(str(local).encode("ascii"))
-        if raw is None:
-            path = self.files[file_index]
-            raise DataError(f"{path}: entry {local} is missing (truncated file?)")
-        return bytes(raw)
+        """The stored bytes of one entry (checksum verified)."""
+        return _raise_bad(self._stored(*self.locate(index)))
 
     def fields(self, index: int) -> dict[str, Any]:
         """One entry as a dict of field name -> array or scalar (no validation)."""
-        file_index, local = self.locate(index)
-        return loads_entry(self.raw(index), source=f"{self.files[file_index]} entry {local}")
+        return _raise_bad(self._decoded(*self.locate(index)))
 
     def __getitem__(self, index: int) -> AtomicGraph:
-        file_index, local = self.locate(index)
-        source = f"{self.files[file_index]} entry {local}"
-        fields = loads_entry(self.raw(index), source=source)
-        return AtomicGraph.from_fields(fields, source=source, float_dtype=self.float_dtype)
+        return _raise_bad(self._checked(*self.locate(index)))[1]
+
+    def check(self, index: int) -> tuple[dict[str, Any], AtomicGraph] | BadEntry:
+        """One entry read, verified and validated: its fields and graph, or what is wrong."""
+        return self._checked(*self.locate(index))
+
+    def _stored(self, file_index: int, local: int) -> bytes | BadEntry:
+        try:
+            with self._env(file_index).begin() as txn:
+                raw = txn.get(str(local).encode("ascii"))
+        except lmdb.Error as error:
+            return BadEntry(self._names[file_index], local, None, corrupt(error))
+        if raw is None:
+            reason = "missing (truncated or corrupt file?); copy or regenerate it"
+            return BadEntry(self._names[file_index], local, None, reason)
+        sums = self._checksums[file_index]
+        if sums is not None and zlib.crc32(raw) != sums[local]:
+            return BadEntry(self._names[file_index], local, None, _MISMATCH)
+        return bytes(raw)
+
+    def _decoded(self, file_index: int, local: int) -> dict[str, Any] | BadEntry:
+        raw = self._stored(file_index, local)
+        if isinstance(raw, BadEntry):
+            return raw
+        source = f"{self._names[file_index]} entry {local}"
+        try:
+            return loads_entry(raw, source=source)
+        except DataError as error:
+            return self._bad(file_index, local, None, error)
+
+    def _checked(
+        self, file_index: int, local: int
+    ) -> tuple[dict[str, Any], AtomicGraph] | BadEntry:
+        fields = self._decoded(file_index, local)
+        if isinstance(fields, BadEntry):
+            return fields
+        source = f"{self._names[file_index]} entry {local}"
+        try:
+            graph = AtomicGraph.from_fields(fields, source=source, float_dtype=self.float_dtype)
+        except Exception as error:  # a damaged or foreign entry can fail in unforeseen ways
+            return self._bad(file_index, local, _sid(fields.get(keys.SID)), error)
+        return fields, graph
+
+    def _bad(self, file_index: int, local: int, sid: int | None, error: Exception) -> BadEntry:
+        """``error`` (whose message starts with ``<file> entry <N>: ``) as a BadEntry."""
+        source = f"{self._names[file_index]} entry {local}: "
+        if isinstance(error, DataError):
+            reason = str(error).removeprefix(source)
+        else:
+            reason = f"cannot be read ({type(error).__name__}: {_first_line(error)})"
+        return BadEntry(self._names[file_index], local, sid, reason)
+
+    def _skip_bad_entries(self) -> None:
+        """Read and validate every stored entry; index the good ones, record the bad ones."""
+        good: list[int] = []
+        natoms: list[int] = []
+        neighbors: list[int] = []
+        total = int(self._offsets[-1])
+        for position in progress(range(total), total=total, desc=f"checking {self.src.name}"):
+            result = self._checked(*self._split(position))
+            if isinstance(result, BadEntry):
+                self.skipped.append(result)
+                continue
+            good.append(position)
+            natoms.append(result[1].n_atoms)
+            neighbors.append(result[1].n_edges)
+        self._index = np.asarray(good, dtype=np.int64)
+        self._metadata = {
+            "natoms": np.asarray(natoms, dtype=np.int64),
+            "neighbors": np.asarray(neighbors, dtype=np.int64),
+        }
+        if self.skipped:
+            log.warning(
+                "%s: skipped %d bad entries of %d (skip_bad_entries); the first: %s",
+                self.src,
+                len(self.skipped),
+                total,
+                "; ".join(str(bad) for bad in self.skipped[:5]),
+            )
 
     @property
     def metadata(self) -> dict[str, np.ndarray]:
@@ -273,14 +356,31 @@ class LmdbDataset(Dataset[AtomicGraph]):
 
     def _file_metadata(self, file_index: int) -> dict[str, np.ndarray]:
         path = self.files[file_index]
-        with self._env(file_index).begin() as txn:
+        with corruption_named(path), self._env(file_index).begin() as txn:
             raw = txn.get(METADATA_KEY)
         if raw is not None:
+            sums = self._checksums[file_index]
+            if sums is not None and zlib.crc32(raw) != sums[-1]:
+                raise DataError(f"{path}: the 'metadata' key's {_MISMATCH}")
             return loads_entry(bytes(raw), source=f"{path} metadata")
         log.info("%s has no stored metadata; scanning its entries for natoms/neighbors", path)
-        start, stop = self._offsets[file_index], self._offsets[file_index + 1]
-        graphs = [self[index] for index in range(start, stop)]
+        count = self._offsets[file_index + 1] - self._offsets[file_index]
+        graphs = [_raise_bad(self._checked(file_index, local))[1] for local in range(count)]
         return {
             "natoms": np.array([graph.n_atoms for graph in graphs], dtype=np.int64),
             "neighbors": np.array([graph.n_edges for graph in graphs], dtype=np.int64),
         }
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
+_T = TypeVar("_T")
+
+
+def _raise_bad(result: _T | BadEntry) -> _T:
+    """``result``, or a DataError ``<file> entry <N> (sid <sid>): <reason>`` for a bad entry."""
+    if isinstance(result, BadEntry):
+        raise DataError(str(result))
+    return result

@@ -37,7 +37,7 @@ from catforge.models.forces import ModelOutput
 from catforge.potential import Potential, pick_device
 from catforge.preemption import Preempted, StopRequest, signal_name, stop_requests
 from catforge.progress import Heartbeat, progress, progress_enabled
-from catforge.registry import dataset_factories, lookup
+from catforge.registry import open_dataset
 from catforge.relax.driver import RelaxResult, RelaxSettings, relax, without_edges
 from catforge.relax.lbfgs import LBFGSSettings
 from catforge.relax.results import (
@@ -127,17 +127,8 @@ def _relax_set(config: Config, batch_size: int) -> tuple[Dataset[AtomicGraph], i
     """``task.relax_dataset`` and how many of its structures to relax; errors name the key."""
     task = config.task
     assert task.relax_dataset is not None
-    src = task.relax_dataset.src
-    factory = lookup(dataset_factories(), task.dataset, "dataset (task.dataset)")
-    try:
-        dataset: Dataset[AtomicGraph] = factory(src)  # type: ignore[assignment]
-    except DataError as error:
-        raise DataError(f"task.relax_dataset.src: {error}") from error
+    dataset = open_dataset(task.dataset, task.relax_dataset, "task.relax_dataset.src")
     count = len(dataset)  # type: ignore[arg-type]
-    if count == 0:
-        raise DataError(
-            f"task.relax_dataset.src: {src} holds no structures; give a dataset to relax"
-        )
     if task.num_relaxation_batches is not None:
         if task.num_relaxation_batches < 1:
             raise ConfigError(

@@ -17,7 +17,7 @@ from catforge.distributed import get_rank, get_world_size
 from catforge.errors import ConfigError, DataError
 from catforge.potential import config_transform, element_references, energy_field, with_forces
 from catforge.preemption import HANDLED_SIGNALS
-from catforge.registry import dataset_factories, lookup
+from catforge.registry import open_dataset
 from catforge.targets import Normalizer, TargetTransform
 from catforge.training.label_stats import fit_statistics
 
@@ -30,18 +30,7 @@ def build_dataset(config: Config, entry: DatasetConfig, split: str) -> Dataset[A
     Errors name the config key; an empty dataset is an error (it would silently mean no
     training, no validation or empty prediction files).
     """
-    factory = lookup(dataset_factories(), config.task.dataset, "dataset (task.dataset)")
-    key = f"dataset.{split}.src"
-    try:
-        dataset: Dataset[AtomicGraph] = factory(entry.src)  # type: ignore[assignment]
-    except DataError as error:
-        raise DataError(f"{key}: {error}") from None
-    if len(dataset) == 0:  # type: ignore[arg-type]
-        raise DataError(
-            f"{key}: {entry.src} holds no structures; point {key} at a dataset with entries"
-            + ("" if split == "train" else f" or remove dataset.{split}")
-        )
-    return dataset
+    return open_dataset(config.task.dataset, entry, f"dataset.{split}.src")
 
 
 def check_labels(config: Config, dataset: Dataset[AtomicGraph], split: str) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from catforge.data.graph import AtomicGraph
+from catforge.data.graph import AtomicGraph, check_atomic_numbers
 from catforge.data.stats import Moments
 from catforge.errors import ConfigError, DataError
 from catforge.progress import progress as progress_bar
@@ -142,6 +142,15 @@ def _sample_indices(length: int, max_samples: int | None) -> np.ndarray:
 
 
 def _entry_fields(dataset: Any, index: int) -> Mapping[str, Any]:
+    """Entry ``index``'s fields; datasets that validate their entries (``check``) refuse a bad
+    one here, naming its file, entry and sid."""
+    if hasattr(dataset, "check"):
+        checked = dataset.check(index)
+        if not isinstance(checked, tuple):
+            raise DataError(
+                f"{checked}; fix or remove it, or set dataset.train.skip_bad_entries: true"
+            )
+        return checked[0]  # type: ignore[no-any-return]
     if hasattr(dataset, "fields"):
         fields: Mapping[str, Any] = dataset.fields(index)
         return fields
@@ -162,8 +171,7 @@ def _composition_and_energy(
     fields: Mapping[str, Any], target: str, index: int
 ) -> tuple[np.ndarray, float]:
     z = _required(fields, "atomic_numbers", index).astype(np.int64).reshape(-1)
-    if z.size and (z.min() < 0 or z.max() >= N_ELEMENTS):
-        raise DataError(f"training entry {index}: atomic numbers outside 0..118")
+    check_atomic_numbers(z, f"training entry {index}")
     energy = _required(fields, target, index).reshape(-1)
     if energy.size != 1:
         raise DataError(f"training entry {index}: '{target}' has {energy.size} values, expected 1")
