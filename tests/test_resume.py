@@ -78,19 +78,29 @@ def test_stop_mid_epoch_then_resume_equals_uninterrupted(demo: Path, tmp_path: P
     assert_same_weights(only_checkpoint_dir(tmp_path / "whole") / "checkpoint.pt", checkpoint)
 
 
+def _train_command(demo: Path, steps: int, *extra: str) -> list[str]:
+    """``main.py --mode train`` of the small demo S2EF model for ``steps`` steps on the CPU."""
+    return [
+        sys.executable, str(ROOT / "main.py"), "--mode", "train", "--config-yml", str(S2EF_CONFIG),
+        *data_overrides(demo, "s2ef"), *SMALL_MODEL, f"--optim.max_steps={steps}", "--cpu", *extra,
+    ]  # fmt: skip
+
+
+def _train_uninterrupted(command: list[str], run_dir: Path) -> dict[str, str]:
+    """Run ``command`` to the end in ``run_dir``; returns the environment it ran with."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    run_dir.mkdir()
+    whole = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    return env
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(demo: Path, tmp_path: Path) -> None:
     steps = 2 * STEPS_PER_EPOCH + 6
-    command = [
-        sys.executable, str(ROOT / "main.py"), "--mode", "train", "--config-yml", str(S2EF_CONFIG),
-        *data_overrides(demo, "s2ef"), *SMALL_MODEL, f"--optim.max_steps={steps}",
-        "--optim.checkpoint_every=3", "--cpu", "--print-every=5",
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    (tmp_path / "whole").mkdir()
-    whole = subprocess.run(command, cwd=tmp_path / "whole", env=env, capture_output=True,
-                           text=True, timeout=300)  # fmt: skip
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    command = _train_command(demo, steps, "--optim.checkpoint_every=3", "--print-every=5")
+    env = _train_uninterrupted(command, tmp_path / "whole")
 
     (tmp_path / "killed").mkdir()
     killed = subprocess.Popen(command, cwd=tmp_path / "killed", env=env,
@@ -135,16 +145,8 @@ def only_results_dir(run_dir: Path) -> Path:
 def test_ctrl_c_checkpoints_and_the_resumed_run_matches(demo: Path, tmp_path: Path) -> None:
     """SIGINT finishes the step, writes checkpoint.pt, prints the resume command, exits 130."""
     steps = STEPS_PER_EPOCH + 6
-    command = [
-        sys.executable, str(ROOT / "main.py"), "--mode", "train", "--config-yml", str(S2EF_CONFIG),
-        *data_overrides(demo, "s2ef"), *SMALL_MODEL, f"--optim.max_steps={steps}",
-        "--optim.checkpoint_every=1000", "--cpu", "--print-every=1",
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    (tmp_path / "whole").mkdir()
-    whole = subprocess.run(command, cwd=tmp_path / "whole", env=env, capture_output=True,
-                           text=True, timeout=300)  # fmt: skip
-    assert whole.returncode == 0, whole.stderr[-3000:]
+    command = _train_command(demo, steps, "--optim.checkpoint_every=1000", "--print-every=1")
+    env = _train_uninterrupted(command, tmp_path / "whole")
 
     (tmp_path / "stopped").mkdir()
     stopped = subprocess.Popen(command, cwd=tmp_path / "stopped", env=env, text=True,

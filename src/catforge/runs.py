@@ -100,8 +100,12 @@ class RunPaths:
         outcome: tuple[str | None, str | None] = (None, None)
         if is_main():
             try:
-                make = cls._reserve_new if run_id is None else cls._reserve_named
-                outcome = (make(config, run_id, folders, fresh, now), None)
+                chosen = (
+                    cls._reserve_new(config, folders, now or datetime.now())
+                    if run_id is None
+                    else cls._reserve_named(config, run_id, folders, fresh)
+                )
+                outcome = (chosen, None)
             except ConfigError as error:
                 outcome = (None, str(error))
         chosen, problem = broadcast_object(outcome)
@@ -111,14 +115,8 @@ class RunPaths:
 
     @classmethod
     def _reserve_named(
-        cls,
-        config: Config,
-        run_id: str | None,
-        folders: Sequence[Folder],
-        fresh: bool,
-        now: datetime | None,
+        cls, config: Config, run_id: str, folders: Sequence[Folder], fresh: bool
     ) -> str:
-        assert run_id is not None
         paths = cls.for_config(config, run_id)
         busy = paths.files()
         if fresh and busy:
@@ -134,18 +132,9 @@ class RunPaths:
         return run_id
 
     @classmethod
-    def _reserve_new(
-        cls,
-        config: Config,
-        run_id: str | None,
-        folders: Sequence[Folder],
-        fresh: bool,
-        now: datetime | None,
-    ) -> str:
+    def _reserve_new(cls, config: Config, folders: Sequence[Folder], now: datetime) -> str:
         options = config.options
-        base = cls.create(
-            options.run_dir, identifier=options.identifier, now=now or datetime.now()
-        ).timestamp_id
+        base = cls.create(options.run_dir, identifier=options.identifier, now=now).timestamp_id
         for number in itertools.count(1):
             candidate = base if number == 1 else f"{base}-{number}"
             paths = cls.for_config(config, candidate)
