@@ -118,7 +118,7 @@ def test_task_strict_load_reaches_prediction_models() -> None:
     relaxed = parse_config(raw_config(task={"strict_load": False}))
     state = dict(_small_schnet(0).state_dict())
     state["head.extra"] = torch.zeros(3)
-    with pytest.raises(CheckpointError, match="unexpected parameter 'head.extra'"):
+    with pytest.raises(CheckpointError, match=r"unexpected parameter 'head\.extra'"):
         load_model(strict, {"state_dict": state}, "ckpt.pt")
     model = load_model(relaxed, {"state_dict": state}, "ckpt.pt")
     assert torch.equal(model.state_dict()["lin1.weight"], state["lin1.weight"])

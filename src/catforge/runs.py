@@ -100,12 +100,12 @@ class RunPaths:
         outcome: tuple[str | None, str | None] = (None, None)
         if is_main():
             try:
-                chosen = (
+                made = (
                     cls._reserve_new(config, folders, now or datetime.now())
                     if run_id is None
                     else cls._reserve_named(config, run_id, folders, fresh)
                 )
-                outcome = (chosen, None)
+                outcome = (made, None)
             except ConfigError as error:
                 outcome = (None, str(error))
         chosen, problem = broadcast_object(outcome)

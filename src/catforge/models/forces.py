@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from catforge.data.graph import AtomicGraph
+from catforge.numerics import initialise_vector_math
 
 if TYPE_CHECKING:
     from catforge.models import EnergyModel
@@ -46,6 +47,7 @@ class ForceModel(nn.Module):
 
     def __init__(self, energy_model: EnergyModel, regress_forces: bool = True) -> None:
         super().__init__()
+        initialise_vector_math()  # before the model's first parallel sqrt/exp (catforge.numerics)
         self.energy_model = energy_model
         self.regress_forces = regress_forces
         self.register_state_dict_post_hook(_strip_inner_prefix)
