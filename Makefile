@@ -27,7 +27,8 @@ demo: $(BIN)/.installed
 	$(BIN)/python main.py --mode predict --config-yml $(DEMO_CONFIG) \
 		--checkpoint checkpoints/$$run/checkpoint.pt --timestamp-id $$run && \
 	$(BIN)/python main.py --mode run-relaxations --config-yml $(RELAX_CONFIG) \
-		--checkpoint checkpoints/$$run/checkpoint.pt --timestamp-id $$run
+		--checkpoint checkpoints/$$run/checkpoint.pt --timestamp-id $$run \
+		--task.relax_opt.traj_dir=trajectories/$$run
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)

@@ -91,3 +91,38 @@ def test_debug_runs_create_nothing(tmp_path: Path) -> None:
     run = RunPaths.reserve(config(tmp_path, debug=True), fresh=True, now=NOW)
     assert run.timestamp_id == "2026-01-02-03-04-05"
     assert not any(tmp_path.iterdir())
+
+
+def test_predict_takes_its_run_id_when_it_starts(
+    demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The results folder is named (and exists) before the predictions are computed."""
+    from catforge import modes
+    from catforge.config import load_config
+
+    seen: list[str | None] = []
+
+    def predict_later(config: Config) -> list[Path]:
+        seen.append(config.options.timestamp_id)
+        assert RunPaths.for_config(config).results_dir.is_dir()
+        return []
+
+    monkeypatch.setattr(modes, "run_predict", predict_later)
+    config_file = Path(__file__).resolve().parents[1] / "configs" / "demo" / "s2ef_schnet.yml"
+    options = RunOptions(mode="predict", run_dir=tmp_path, checkpoint=tmp_path / "unused.pt")
+    modes.run(load_config(config_file, [], options))
+    (made,) = (tmp_path / "results").iterdir()
+    assert seen == [made.name]
+
+
+def test_data_loader_workers_are_capped_at_the_cpus(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from catforge.training import build
+
+    monkeypatch.setattr(build, "available_cpus", lambda: 2)
+    assert build.capped_workers(1) == 1
+    assert build.capped_workers(64) == 2
+    assert build.capped_workers(64) == 2
+    warnings = [r for r in caplog.records if "optim.num_workers 64" in r.getMessage()]
+    assert len(warnings) == 1  # one warning, not one per loader
