@@ -197,3 +197,37 @@ def test_sharded_relaxations_equal_one_process(demo: Path, tmp_path: Path) -> No
         np.testing.assert_allclose(b["energy"], a["energy"], atol=1e-4)
     n_traj = len(list((tmp_path / "two" / "traj").glob("*.traj")))
     assert n_traj == len(first)
+
+
+def test_a_bad_entry_on_one_rank_stops_every_rank_with_a_checkpoint(
+    demo: Path, tmp_path: Path
+) -> None:
+    """One NaN entry in a global batch of the whole set reaches one rank only: all ranks stop
+    before the step, rank 0 writes the checkpoint, no rank waits for the others forever."""
+    import numpy as np
+
+    from tests.test_bad_inputs import _fields, write_raw_lmdb
+
+    good = [_fields(index) for index in range(3)]
+    pos = np.array(good[1]["pos"])
+    pos[0, 0] = np.nan
+    shard = tmp_path / "nan" / "data.0000.lmdb"
+    shard.parent.mkdir()
+    write_raw_lmdb(shard, [good[0], {**good[1], "pos": pos, "sid": 41}, good[2], good[0]])
+    stats = ["--dataset.train.target_mean=0", "--dataset.train.target_std=1",
+             "--dataset.train.grad_target_std=1"]  # fmt: skip
+    args = run_args(demo, "s2ef", tmp_path, "--mode=train", "--optim.max_steps=2",
+                    "--optim.batch_size=2", f"--dataset.train.src={shard.parent}",
+                    *stats)  # fmt: skip
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               "--standalone", str(ROOT / "main.py"), "--distributed",
+               "--distributed-backend=gloo", *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env,
+                          cwd=ROOT, check=False)  # fmt: skip
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("catforge: error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], done.stderr[-5000:]
+    assert "sid 41" in errors[0] and "NaN" in errors[0] and "step 0 and saved" in errors[0]
+    checkpoint = tmp_path / "checkpoints" / "t" / "checkpoint.pt"
+    assert load_checkpoint(checkpoint)["step"] == 0

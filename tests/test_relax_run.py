@@ -27,6 +27,7 @@ from catforge.data.lmdb import LmdbDataset, write_lmdb
 from catforge.potential import Potential, build_model
 from catforge.relax import run as relax_run
 from catforge.relax.driver import RelaxResult
+from catforge.relax.trajectory import LOCK_NAME
 from catforge.targets import Normalizer, TargetTransform
 from tests.factories import SMALL_MODEL
 
@@ -74,11 +75,11 @@ def setup(demo: Path, tmp_path: Path) -> Setup:
 
 
 def hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder``, by relative path."""
+    """sha256 of every file under ``folder`` (the run's lock file aside), by relative path."""
     return {
         str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(folder.rglob("*"))
-        if path.is_file()
+        if path.is_file() and path.name != LOCK_NAME
     }
 
 
@@ -283,7 +284,10 @@ def test_energy_only_checkpoint_is_refused(
     assert main(Setup(is2re, setup.relax_set, setup.run_dir).argv()) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert f"{is2re}: this checkpoint serves IS2RE" in err and "relaxations need" in err
+    assert (
+        f"{is2re}: this checkpoint serves IS2RE" in err
+        and "for relaxations use a checkpoint of a S2EF" in err
+    )
     assert hashes(setup.run_dir) == {}  # no file written
 
 
@@ -347,7 +351,7 @@ def test_ctrl_c_stops_after_the_current_step(
     if traj_dir:
         traj = setup.run_dir / "traj"
         assert stopped + f"finished trajectories are in {traj}; rerun the same command" in err
-        assert [path.suffix for path in traj.iterdir()] == [".traj"]
+        assert [path.suffix for path in traj.iterdir() if path.name != LOCK_NAME] == [".traj"]
     else:
         assert stopped + "without task.relax_opt.traj_dir none of them was kept; " in err
         assert "rerun the same command to start over" in err
@@ -398,3 +402,23 @@ def test_sigterm_keeps_finished_trajectories_and_the_rerun_completes(
     assert len(list(traj.glob("*.traj"))) == 10 and not list(traj.glob("*.traj_tmp"))
     with np.load(setup.results() / "relaxed_energies.npz") as npz:
         assert npz["steps"].tolist() == [25] * 10
+
+
+def test_a_traj_dir_in_use_by_another_run_is_refused(
+    setup: Setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """While one run holds the folder, another neither relaxes there nor deletes its files."""
+    import fcntl
+
+    traj = setup.run_dir / "traj"
+    traj.mkdir(parents=True, exist_ok=True)
+    running = traj / "5.traj_tmp"  # the other run's structure in progress
+    running.write_bytes(b"being written")
+    with (traj / LOCK_NAME).open("a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(setup.argv(timestamp="busy")) == 2
+    err = capsys.readouterr().err
+    assert f"{traj}: another run-relaxations is writing trajectories here" in err
+    assert running.read_bytes() == b"being written"
+    assert main(setup.argv(timestamp="free")) == 0  # released: the next run goes ahead
+    assert not running.exists()

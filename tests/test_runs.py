@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from catforge.config import Config, ModelConfig, RunOptions
-from catforge.errors import ConfigError
+from catforge.errors import ConfigError, OutputError
 from catforge.runs import RunPaths
 
 NOW = datetime(2026, 1, 2, 3, 4, 5)
@@ -126,3 +126,29 @@ def test_data_loader_workers_are_capped_at_the_cpus(
     assert build.capped_workers(64) == 2
     warnings = [r for r in caplog.records if "optim.num_workers 64" in r.getMessage()]
     assert len(warnings) == 1  # one warning, not one per loader
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes share the node's two CPUs
+    assert build.capped_workers(2) == 1
+
+
+def test_a_run_dir_that_cannot_hold_folders_is_one_error(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    with pytest.raises(OutputError, match=r"afile/sub/checkpoints: cannot create the run folder"):
+        RunPaths.reserve(config(afile / "sub"), fresh=True, now=NOW)
+
+
+def test_refusal_without_a_checkpoint_does_not_offer_one(tmp_path: Path) -> None:
+    run = RunPaths.reserve(config(tmp_path), fresh=True, now=NOW)
+    (run.results_dir / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="wrote no checkpoint") as raised:
+        RunPaths.reserve(config(tmp_path, timestamp_id=run.timestamp_id), fresh=True)
+    assert "--checkpoint" not in str(raised.value)
+
+
+def test_a_failed_mode_removes_only_the_folders_it_made(tmp_path: Path) -> None:
+    training = RunPaths.reserve(config(tmp_path), fresh=True, now=NOW)  # no file written yet
+    named = config(tmp_path, mode="validate", timestamp_id=training.timestamp_id)
+    validate = RunPaths.reserve(named)
+    assert validate.created == ()
+    validate.remove_empty(tmp_path)
+    assert training.checkpoint_dir.is_dir() and training.logs_dir.is_dir()

@@ -200,6 +200,26 @@ def test_sweep_submits_a_job_array(
     assert capsys.readouterr().out.count("submitted job 4242_") == 4
 
 
+def test_submissions_in_the_same_second_get_their_own_runs(
+    tmp_path: Path, fake_sbatch: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class FrozenClock(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> datetime:
+            return NOW
+
+    monkeypatch.setattr(slurm, "datetime", FrozenClock)
+    argv = ["--mode", "train", "--config-yml", str(CONFIG), "--submit", "--run-dir",
+            str(tmp_path), "--identifier", "exp"]  # fmt: skip
+    ids = []
+    for _ in range(2):
+        (job,) = slurm.submit(argv, options_of(argv), {})
+        ids.append(parsed(pickle.loads(job.paths.submitted_pickle.read_bytes()).args[0]))
+    assert [args.timestamp_id for args in ids] == ["2024-05-06-07-08-09-exp",
+                                                   "2024-05-06-07-08-09-exp-2"]  # fmt: skip
+    assert (tmp_path / "checkpoints" / "2024-05-06-07-08-09-exp-2").is_dir()
+
+
 def test_a_bad_sweep_key_fails_before_submitting(tmp_path: Path, fake_sbatch: None) -> None:
     sweep = write(tmp_path / "s.yml", "optim.lr_initail: [0.1, 0.2]\n")
     argv = ["--mode", "train", "--config-yml", str(CONFIG), "--submit", "--sweep-yml", str(sweep),

@@ -124,7 +124,9 @@ def _resume_state(config: Config) -> dict[str, Any] | None:
             f"{config.options.checkpoint}: holds weights only (no optimizer state), so training "
             "cannot resume from it; use optim.init_from to fine-tune from these weights"
         )
-    check_checkpoint_task(state, config.options.checkpoint, config.trainer, "this training")
+    check_checkpoint_task(
+        state, config.options.checkpoint, config.trainer, "resuming this training"
+    )
     report_config_diff(state.get("config"), config.to_dict())
     return state
 
@@ -146,7 +148,9 @@ def validate(config: Config) -> dict[str, float]:
         raise ConfigError("--mode validate needs --checkpoint CKPT")
     device = pick_device(config.options.cpu)
     purpose = f"{config.task_name.upper()} metrics"
-    potential = Potential.for_task(config, config.options.checkpoint, purpose, device)
+    potential = Potential.from_checkpoint(
+        config.options.checkpoint, config=config, device=device, purpose=purpose
+    )
     val_set = build_dataset(config, config.dataset.split("val"), "val")
     check_labels(config, val_set, "val")
     loader = build_eval_loader(config, val_set)

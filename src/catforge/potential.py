@@ -113,8 +113,8 @@ def check_checkpoint_task(
     if stored not in TASK_OF_TRAINER or stored == trainer:
         return
     raise CheckpointError(
-        f"{source}: this checkpoint serves {TASK_OF_TRAINER[stored]}, but {purpose} need a "
-        f"{TASK_OF_TRAINER[trainer]} model; use a checkpoint trained with trainer: {trainer}"
+        f"{source}: this checkpoint serves {TASK_OF_TRAINER[stored]}; for {purpose} use a "
+        f"checkpoint of a {TASK_OF_TRAINER[trainer]} model"
     )
 
 
@@ -153,23 +153,16 @@ class Potential:
         *,
         config: Config | None = None,
         device: torch.device | str = "cpu",
+        purpose: str | None = None,
     ) -> Potential:
         """Weights and normalisers of ``path``; the model config is the checkpoint's own unless
-        ``config`` is given."""
+        ``config`` is given. With ``purpose`` (what the model is for, for the message), a
+        checkpoint trained for another task than ``config.trainer`` is refused
+        (:func:`check_checkpoint_task`)."""
         checkpoint = load_checkpoint(path)
         config = config or checkpoint_config(checkpoint, path)
-        model = load_model(config, checkpoint, path)
-        return cls(model, load_transform(config, checkpoint), device)
-
-    @classmethod
-    def for_task(
-        cls, config: Config, path: str | Path, purpose: str, device: torch.device | str = "cpu"
-    ) -> Potential:
-        """The model of ``config`` with the weights and normalisers of checkpoint ``path``,
-        refused (:func:`check_checkpoint_task`) when trained for another task than
-        ``config.trainer``; ``purpose`` says what it is for, in that error."""
-        checkpoint = load_checkpoint(path)
-        check_checkpoint_task(checkpoint, path, config.trainer, purpose)
+        if purpose is not None:
+            check_checkpoint_task(checkpoint, path, config.trainer, purpose)
         model = load_model(config, checkpoint, path)
         return cls(model, load_transform(config, checkpoint), device)
 

@@ -226,8 +226,8 @@ def run_predict(config: Config) -> list[Path]:
         raise ConfigError("--mode predict needs --checkpoint CKPT")
     task: Task = "is2re" if config.trainer == "energy" else "s2ef"
     device = pick_device(options.cpu)
-    potential = Potential.for_task(
-        config, options.checkpoint, f"{task.upper()} predictions", device
+    potential = Potential.from_checkpoint(
+        options.checkpoint, config=config, device=device, purpose=f"{task.upper()} predictions"
     )
     test_set = build_dataset(config, config.dataset.split("test"), "test")
     loader = build_eval_loader(config, test_set)

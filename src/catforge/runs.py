@@ -10,6 +10,7 @@ the other modes write their own files into a training run's folders on purpose (
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from catforge.distributed import broadcast_object, is_main
-from catforge.errors import ConfigError
+from catforge.errors import CatforgeError, ConfigError, OutputError
 
 if TYPE_CHECKING:
     from catforge.config import Config
@@ -36,12 +37,17 @@ MODE_FOLDERS: dict[str, tuple[Folder, ...]] = {
 
 @dataclass(frozen=True)
 class RunPaths:
-    """The folders of one run, all named by its timestamp id (``<time>[-<identifier>]``)."""
+    """The folders of one run, all named by its timestamp id (``<time>[-<identifier>]``).
+
+    ``created`` lists the folders :meth:`reserve` made for this process (the only ones
+    :meth:`remove_empty` may remove).
+    """
 
     timestamp_id: str
     checkpoint_dir: Path
     results_dir: Path
     logs_dir: Path
+    created: tuple[Path, ...] = ()
 
     @classmethod
     def create(
@@ -97,70 +103,92 @@ class RunPaths:
         options = config.options
         run_id = timestamp_id or options.timestamp_id
         folders = () if options.debug else MODE_FOLDERS.get(options.mode, FOLDERS)
-        outcome: tuple[str | None, str | None] = (None, None)
+        outcome: tuple[RunPaths | None, CatforgeError | None] = (None, None)
         if is_main():
             try:
-                made = (
-                    cls._reserve_new(config, folders, now or datetime.now())
-                    if run_id is None
-                    else cls._reserve_named(config, run_id, folders, fresh)
-                )
+                if run_id is None:
+                    made = cls.claim_new(
+                        options.run_dir, identifier=options.identifier, folders=folders,
+                        logger=config.logger.name, now=now,
+                    )  # fmt: skip
+                else:
+                    made = cls._reserve_named(config, run_id, folders, fresh)
                 outcome = (made, None)
-            except ConfigError as error:
-                outcome = (None, str(error))
-        chosen, problem = broadcast_object(outcome)
-        if problem is not None or chosen is None:
-            raise ConfigError(problem or "no run id was chosen")
-        return cls.for_config(config, chosen)
+            except (ConfigError, OutputError) as error:
+                outcome = (None, error)
+        reserved, problem = broadcast_object(outcome)
+        if problem is not None:
+            raise problem
+        assert reserved is not None
+        return reserved if is_main() else dataclasses.replace(reserved, created=())
 
     @classmethod
     def _reserve_named(
         cls, config: Config, run_id: str, folders: Sequence[Folder], fresh: bool
-    ) -> str:
+    ) -> RunPaths:
         paths = cls.for_config(config, run_id)
         busy = paths.files()
         if fresh and busy:
             shown = ", ".join(str(path) for path in busy[:3])
             more = f" and {len(busy) - 3} more" if len(busy) > 3 else ""
+            checkpoint = paths.checkpoint_dir / "checkpoint.pt"
+            way = (
+                f"resume it with --checkpoint {checkpoint}"
+                if checkpoint.is_file()
+                else "it wrote no checkpoint to resume from: remove its folders"
+            )
             raise ConfigError(
                 f"--timestamp-id {run_id}: run {run_id} already has files ({shown}{more}); "
-                f"resume it with --checkpoint {paths.checkpoint_dir / 'checkpoint.pt'}, or "
-                "leave out --timestamp-id for a new run"
+                f"{way}, or leave out --timestamp-id for a new run"
             )
+        created = []
         for name in folders:
-            getattr(paths, name).mkdir(parents=True, exist_ok=True)
-        return run_id
+            folder: Path = getattr(paths, name)
+            if not folder.is_dir():
+                _make_folder(folder)
+                created.append(folder)
+        return dataclasses.replace(paths, created=tuple(created))
 
     @classmethod
-    def _reserve_new(cls, config: Config, folders: Sequence[Folder], now: datetime) -> str:
-        options = config.options
-        base = cls.create(options.run_dir, identifier=options.identifier, now=now).timestamp_id
+    def claim_new(
+        cls,
+        run_dir: Path,
+        *,
+        identifier: str,
+        folders: Sequence[Folder],
+        logger: str = "tensorboard",
+        now: datetime | None = None,
+    ) -> RunPaths:
+        """A new run's paths, its ``folders`` created: the id of ``now`` (and ``identifier``),
+        with ``-2``, ``-3``, ... when another run has a folder of that id."""
+        base = cls.create(run_dir, identifier=identifier, now=now or datetime.now()).timestamp_id
         for number in itertools.count(1):
             candidate = base if number == 1 else f"{base}-{number}"
-            paths = cls.for_config(config, candidate)
-            if not folders or paths._claim(folders):
-                return candidate
+            paths = cls.create(run_dir, logger=logger, timestamp_id=candidate)
+            created = paths._claim(folders)
+            if created is not None:
+                return dataclasses.replace(paths, created=created)
         raise AssertionError("unreachable")
 
-    def _claim(self, folders: Sequence[Folder]) -> bool:
-        """Create ``folders`` if no folder of this id exists; False when another run has one.
+    def _claim(self, folders: Sequence[Folder]) -> tuple[Path, ...] | None:
+        """Create ``folders`` if no folder of this id exists; None when another run has one.
 
         ``mkdir`` without ``exist_ok`` is atomic: of two processes, one gets FileExistsError.
         """
         if any(getattr(self, name).exists() for name in FOLDERS):
-            return False
+            return None
         made: list[Path] = []
         try:
             for name in folders:
                 folder: Path = getattr(self, name)
-                folder.parent.mkdir(parents=True, exist_ok=True)
-                folder.mkdir()
+                _make_folder(folder.parent, exist_ok=True)
+                _make_folder(folder)
                 made.append(folder)
         except FileExistsError:
             for folder in made:
                 folder.rmdir()
-            return False
-        return True
+            return None
+        return tuple(made)
 
     def files(self) -> list[Path]:
         """Every file under this run's folders."""
@@ -172,12 +200,9 @@ class RunPaths:
         return found
 
     def remove_empty(self, run_dir: Path) -> None:
-        """Remove this run's folders that hold no file (after a run failed before writing),
-        and the parents up to ``run_dir`` (``checkpoints/``, ...) that are left empty."""
-        if not is_main():
-            return
-        for name in FOLDERS:
-            folder: Path = getattr(self, name)
+        """Remove the folders :meth:`reserve` created that still hold no file (after a run
+        failed before writing), and the parents up to ``run_dir`` left empty by that."""
+        for folder in self.created:
             if not folder.is_dir() or any(not path.is_dir() for path in folder.rglob("*")):
                 continue
             for child in sorted(folder.rglob("*"), reverse=True):  # deepest first
@@ -187,3 +212,15 @@ class RunPaths:
                 if parent == run_dir or not parent.is_dir() or any(parent.iterdir()):
                     break
                 parent.rmdir()
+
+
+def _make_folder(folder: Path, exist_ok: bool = False) -> None:
+    """``mkdir`` (parents included); errors other than an existing folder are OutputErrors."""
+    try:
+        folder.mkdir(parents=True, exist_ok=exist_ok)
+    except FileExistsError:
+        raise
+    except OSError as error:
+        raise OutputError(
+            f"{folder}: cannot create the run folder: {error.strerror or error}; check --run-dir"
+        ) from None

@@ -44,7 +44,7 @@ from catforge.config import RunOptions, load_config
 from catforge.config.load import read_yaml
 from catforge.errors import CatforgeError, ConfigError
 from catforge.preemption import RESUME_EXIT_CODE
-from catforge.runs import RunPaths
+from catforge.runs import FOLDERS, MODE_FOLDERS, RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -303,9 +303,12 @@ def submit(
         ConfigError: a job's config is invalid, or no Slurm cluster is found.
     """
     _check_layout(options)
-    specs = plan_jobs(argv, options)
+    now = datetime.now()
+    specs = plan_jobs(argv, options, now=now)
     for spec in specs:
         _check_config(spec)
+    if options.timestamp_id is None:
+        specs = [_claim_run(spec, now) for spec in specs]
     folder = (options.run_dir / options.logdir / "slurm" / "%j").absolute()
     auto = make_executor(folder, executor_parameters(options, slurm_params), executor)
     job = CatforgeJob()
@@ -314,6 +317,18 @@ def submit(
         run = cli.build_ocp_parser().parse_known_args(list(spec.argv))[0].timestamp_id
         print(f"submitted job {submitted.job_id} (run {run}); logs: {submitted.paths.folder}")
     return jobs
+
+
+def _claim_run(spec: JobSpec, now: datetime) -> JobSpec:
+    """``spec`` with its new run's folders created now, so that another submission in the same
+    second gets another id (``<id>-2``, ...) and the job never shares another run's folders."""
+    args, _ = cli.build_ocp_parser().parse_known_args(list(spec.argv))
+    claimed = RunPaths.claim_new(
+        args.run_dir, identifier=args.identifier, folders=MODE_FOLDERS.get(args.mode, FOLDERS),
+        now=now,
+    )  # fmt: skip
+    argv = _drop_flags(spec.argv, ("--timestamp-id",))
+    return JobSpec((*argv, f"--timestamp-id={claimed.timestamp_id}"))
 
 
 def _check_layout(options: RunOptions) -> None:

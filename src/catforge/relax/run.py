@@ -29,7 +29,13 @@ from catforge.atomic import write_json
 from catforge.config import Config
 from catforge.data.graph import AtomicGraph
 from catforge.data.samplers import shard_start
-from catforge.distributed import all_reduce_sum, barrier, gather_objects, get_rank, get_world_size
+from catforge.distributed import (
+    all_reduce_sum,
+    broadcast_object,
+    gather_objects,
+    get_rank,
+    get_world_size,
+)
 from catforge.errors import ConfigError, DataError
 from catforge.loggers import RunLogger
 from catforge.metrics import format_metrics_table
@@ -81,7 +87,11 @@ def run_relaxations(config: Config) -> dict[str, float]:
     shard = range(shard_start(count, rank, world_size), shard_start(count, rank + 1, world_size))
     with stop_requests() as stop:  # a signal from here on stops at the first or next step
         writer = _trajectory_writer(config, settings)
-        results, stopped = _relax_all(potential, stop, dataset, shard, settings, writer)
+        try:
+            results, stopped = _relax_all(potential, stop, dataset, shard, settings, writer)
+        finally:
+            if writer is not None:
+                writer.close()
         totals = all_reduce_sum(torch.tensor([len(results), int(stopped)], dtype=torch.int64))
         finished, stops = totals.tolist()
         if stops:
@@ -107,16 +117,25 @@ def _trajectory_writer(config: Config, settings: RelaxSettings) -> TrajectoryWri
         checkpoint=str(checkpoint),
     )
     writer.scan()
+    problem: ConfigError | None = None
     if get_rank() == 0:
-        writer.remove_partial()
-    barrier()  # no rank starts a trajectory before rank 0 has cleared the old ones
+        try:
+            writer.lock()
+            writer.remove_partial()  # safe: no other run writes here while the lock is held
+        except ConfigError as error:
+            problem = error
+    # No rank starts a trajectory before rank 0 holds the folder and cleared the old files.
+    problem = broadcast_object(problem)
+    if problem is not None:
+        raise problem
     return writer
 
 
 def _load_potential(config: Config, checkpoint: Path) -> Potential:
     """The forces model of ``checkpoint`` (the file is read once); refuses energy-only models."""
-    potential = Potential.for_task(
-        config, checkpoint, "relaxations", pick_device(config.options.cpu)
+    device = pick_device(config.options.cpu)
+    potential = Potential.from_checkpoint(
+        checkpoint, config=config, device=device, purpose="relaxations"
     )
     if not potential.regress_forces:
         raise ConfigError(f"{checkpoint}: its model predicts no forces; relaxations need them")
@@ -247,9 +266,6 @@ def _relax_all(
             force_field.finished(result)
     except _Stopped:
         stopped = True
-    finally:
-        if writer is not None:
-            writer.close()
     return [results[index] for index in indices if index in results], stopped
 
 

@@ -19,14 +19,18 @@ from where submission scripts read them.)
 continuing from their last frame would not retrace an uninterrupted relaxation. Those of
 unfinished structures are deleted when the run stops (:meth:`TrajectoryWriter.close`) and those a
 killed run left behind when the next one starts (:meth:`TrajectoryWriter.remove_partial`); the
-rerun relaxes such structures from their initial positions.
+rerun relaxes such structures from their initial positions. A run holds the folder with an
+``flock`` on ``<folder>/.catforge.lock`` (:meth:`TrajectoryWriter.lock`), so a second run into a
+folder in use is refused rather than having its unfinished files deleted under it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from ase import Atoms
@@ -43,6 +47,8 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".traj"
 PARTIAL_SUFFIX = ".traj_tmp"
+LOCK_NAME = ".catforge.lock"
+"""Held (``flock``) by the run relaxing into the folder; a second run is refused."""
 
 
 class TrajectoryWriter:
@@ -58,6 +64,7 @@ class TrajectoryWriter:
         self.relax_tag = relax_tag
         self.info = {"relax_tag": relax_tag, "checkpoint": checkpoint}
         self._open: dict[int, _Open] = {}
+        self._lock: IO[str] | None = None
         self._finished: dict[str, tuple[Atoms, Atoms]] = {}
         self._unreadable: dict[str, str] = {}
 
@@ -96,6 +103,21 @@ class TrajectoryWriter:
             f"relaxation settings ({origin}; this run's tag is {self.relax_tag}); relaxing here "
             "would replace them: use another task.relax_opt.traj_dir, or delete those .traj files"
         )
+
+    def lock(self) -> None:
+        """Hold the folder for this run until :meth:`close` (rank 0 of a run takes it); a
+        second run-relaxations into the folder while this one runs is refused."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        handle = (self.folder / LOCK_NAME).open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ConfigError(
+                f"{self.folder}: another run-relaxations is writing trajectories here; wait for "
+                "it to finish or use another task.relax_opt.traj_dir"
+            ) from None
+        self._lock = handle
 
     def remove_partial(self) -> None:
         """Delete the ``.traj_tmp`` files of structures a killed run did not finish."""
@@ -136,6 +158,13 @@ class TrajectoryWriter:
             entry.writer.close()
             entry.partial.unlink(missing_ok=True)
         self._open.clear()
+        if self._lock is not None:
+            lock = Path(self._lock.name)
+            if not any(path != lock for path in self.folder.iterdir()):
+                lock.unlink()  # a folder this run left empty goes (before the lock is released)
+                self.folder.rmdir()
+            self._lock.close()  # releases the flock
+            self._lock = None
 
     def completed(self, name: str, graph: AtomicGraph) -> Frame | None:
         """The last frame of ``name``'s finished trajectory found by :meth:`scan`, if it starts

@@ -103,19 +103,22 @@ def build_loader(
 
 
 def capped_workers(requested: int) -> int:
-    """``optim.num_workers``, capped at the CPUs this process may use (one warning).
+    """``optim.num_workers``, capped at this process's share of the CPUs (one warning).
 
     OCP's configs ask for 16-64 workers per GPU node; on a laptop that starts hundreds of
-    processes that only fight for the same cores.
+    processes that only fight for the same cores. The processes of one node (``torchrun``'s
+    ``LOCAL_WORLD_SIZE``) share its CPUs.
     """
-    available = available_cpus()
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    available = max(1, available_cpus() // local_processes)
     if requested <= available:
         return requested
     if requested not in _warned_workers:
         _warned_workers.add(requested)
+        share = f" per process ({local_processes} on this node)" if local_processes > 1 else ""
         log.warning(
-            "optim.num_workers %d is more than the %d CPUs available; using %d",
-            requested, available, available,
+            "optim.num_workers %d is more than the %d CPUs available%s; using %d",
+            requested, available, share, available,
         )  # fmt: skip
     return available
 

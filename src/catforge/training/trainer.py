@@ -21,6 +21,8 @@ from catforge.distributed import (
     all_reduce_max,
     all_reduce_sum,
     barrier,
+    broadcast_object,
+    gather_objects,
     get_rank,
     get_world_size,
     is_main,
@@ -225,8 +227,9 @@ class Trainer:
         self._last_val = {}
         try:
             self._train_loop()
-        except DataError as error:
-            raise self._stopped_by_data(error) from None
+        except DataError as error:  # from validation: this rank alone
+            message = worker_error_message(str(error))
+            raise self._stopped_by_data(message, all_ranks=self.world_size == 1) from None
         return self._last_val
 
     def _train_loop(self) -> None:
@@ -237,6 +240,9 @@ class Trainer:
         first_step = state.step
         while state.step < self.total_steps:
             for batch, waited in timed(self._epoch_batches()):
+                if self._bad_batch(batch):
+                    raise self._stopped_by_data(self._agreed_problem(batch), all_ranks=True)
+                assert isinstance(batch, AtomicGraph)
                 result, grad_norm, totals = self._train_step(batch)
                 state.step += 1
                 state.batch += 1
@@ -268,28 +274,55 @@ class Trainer:
         if window.count:
             self._log_train(window.flush())
 
-    def _stopped_by_data(self, error: DataError) -> DataError:
-        """Checkpoint the steps done before a bad entry stopped training; the error to raise."""
-        saved = self._save_training(self._last_val) or self._checkpoint_path
-        problem = worker_error_message(str(error))
-        if saved is None:
-            return DataError(f"{problem}; training stopped at step {self.state.step}")
+    def _bad_batch(self, batch: AtomicGraph | DataError) -> bool:
+        """Whether this batch failed to load on any rank (all ranks agree, before the step)."""
+        failed = 1.0 if isinstance(batch, DataError) else 0.0
+        return (all_reduce_max(failed) if self.world_size > 1 else failed) > 0
+
+    def _agreed_problem(self, batch: AtomicGraph | DataError) -> str:
+        """The first failing rank's message, on every rank."""
+        mine = worker_error_message(str(batch)) if isinstance(batch, DataError) else None
+        if self.world_size == 1:
+            return str(mine)
+        gathered = gather_objects(mine)
+        first = None if gathered is None else next(m for m in gathered if m is not None)
+        return str(broadcast_object(first))
+
+    def _stopped_by_data(self, problem: str, *, all_ranks: bool) -> DataError:
+        """Checkpoint the steps done before bad data stopped training; the error to raise.
+
+        ``all_ranks``: every rank stops here together (a bad training batch: rank 0 writes the
+        checkpoint); else only this rank does (a bad validation batch under DDP), and it names
+        a checkpoint only if it wrote one itself.
+        """
+        written = self._save_training(self._last_val)
+        if all_ranks:
+            barrier()
+            written = written or self._checkpoint_path
+        where = f"; training stopped at step {self.state.step}"
+        if written is None:
+            return DataError(f"{problem}{where}")
+        fix = ""
+        if " entry " in problem:
+            fix = " fix or remove the entry (or set dataset.<split>.skip_bad_entries: true), then"
         return DataError(
-            f"{problem}; training stopped at step {self.state.step} and saved {saved}: fix or "
-            "remove the entry (or set dataset.<split>.skip_bad_entries: true), then resume with "
-            f"--checkpoint {saved}"
+            f"{problem}{where} and saved {written}:{fix} resume with --checkpoint {written}"
         )
 
-    def _epoch_batches(self) -> Iterator[AtomicGraph]:
+    def _epoch_batches(self) -> Iterator[AtomicGraph | DataError]:
         """This epoch's remaining batches of its (seed, epoch) permutation; consumed ones are
-        skipped by index, never loaded."""
+        skipped by index, never loaded. A batch that cannot be loaded ends the epoch as its
+        DataError (the loop stops on it with a checkpoint, all ranks together)."""
         if self.state.batch >= self.steps_per_epoch:  # resumed with a larger batch size
             self.state.epoch, self.state.batch = self.state.epoch + 1, 0
         seed = epoch_seed(self.config.options.seed, self.state.epoch)
         self.batch_sampler.set_epoch(self.state.epoch, self.state.batch)
         if self.train_loader.generator is not None:  # worker seeds, away from the global RNG
             self.train_loader.generator.manual_seed(seed * 1_000_003 + self.state.batch)
-        yield from self.train_loader
+        try:
+            yield from self.train_loader
+        except DataError as error:
+            yield error
 
     def _train_step(self, batch: AtomicGraph) -> tuple[LossResult, float, MetricTotals]:
         batch = batch.to(self.device)

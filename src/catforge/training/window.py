@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
-from catforge.data.graph import AtomicGraph
 from catforge.metrics import MetricTotals
 from catforge.training.losses import LossResult
+
+Batch = TypeVar("Batch")
 
 
 class MetricsWindow:
@@ -46,7 +48,7 @@ class MetricsWindow:
         return metrics
 
 
-def timed(batches: Iterable[AtomicGraph]) -> Iterator[tuple[AtomicGraph, float]]:
+def timed(batches: Iterable[Batch]) -> Iterator[tuple[Batch, float]]:
     """Each batch with the seconds spent waiting for it (loading and collating)."""
     iterator = iter(batches)
     while True:
