@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sized
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -73,9 +73,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     totals = MetricTotals()
-    total = len(batches) if isinstance(batches, Sized) else None
     try:
-        for batch in progress(batches, total=total, desc="validate"):
+        for batch in progress(batches, desc="validate"):
             batch = batch.to(device)
             totals = totals + batch_totals(
                 model,

@@ -22,7 +22,7 @@ Both files hold the same (rounded) values.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence, Sized
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -124,8 +124,7 @@ def predict(
     shard), used for ids when the data has no sid/fid.
     """
     parts = _Parts(start)
-    total = len(batches) if isinstance(batches, Sized) else None
-    for batch in progress(batches, total=total, desc="predict"):
+    for batch in progress(batches, desc="predict"):
         parts.add(potential, batch, with_forces=with_forces)
     return parts.finish(with_forces=with_forces)
 

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import TypeVar
 
 from tqdm import tqdm
@@ -57,7 +57,9 @@ def progress(
     items: Iterable[T], *, total: int | None = None, desc: str = "", enabled: bool = True
 ) -> Iterator[T]:
     """``items`` with a tqdm bar (:func:`progress_enabled`), else with a heartbeat log line;
-    ``enabled=False`` shows nothing at all."""
+    ``enabled=False`` shows nothing at all. ``total`` defaults to ``len(items)`` when it has one."""
+    if total is None and isinstance(items, Sized):
+        total = len(items)
     if progress_enabled(enabled):
         yield from tqdm(items, total=total, desc=desc, dynamic_ncols=True, leave=False)
         return

@@ -23,11 +23,8 @@ releases cannot resolve them. torch_geometric is imported only here, when an exp
 
 from __future__ import annotations
 
-import os
 import pickle
-import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -40,7 +37,7 @@ import torch
 from catforge.data import keys
 from catforge.data.graph import AtomicGraph
 from catforge.data.lmdb import LENGTH_KEY, LmdbDataset, lmdb_files
-from catforge.data.staging import is_empty, staged_output
+from catforge.data.staging import staged_file, staged_output
 from catforge.errors import ConfigError, DataError
 from catforge.progress import progress as progress_bar
 
@@ -138,7 +135,8 @@ def export_ocp(
         enabled=progress,
     )
     if src.is_file():
-        with _staged_file(out, overwrite) as tmp:
+        _refuse_folder(out)
+        with staged_file(out, overwrite=overwrite) as tmp:
             entries = _write_file(tmp, graphs, data_class, length_key=False)
         return ExportSummary(src, out, (ExportedFile(out, entries, False),), None)
     length_key = [path.name for path in files] != [SINGLE_POINT_NAME]
@@ -241,23 +239,10 @@ def _refuse_replacing_input(src: Path, out: Path) -> None:
         raise DataError(f"{out}: output lies inside the input folder {src}; choose another --out")
 
 
-@contextmanager
-def _staged_file(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a hidden temporary path beside ``out``; on success it is renamed to ``out``."""
+def _refuse_folder(out: Path) -> None:
+    """A single .lmdb file exports to a file: ``out`` must not be a folder."""
     if out.is_dir():
         raise DataError(
             f"{out}: is a folder, but a single .lmdb file exports to one file; "
             f"give a file path such as --out {out / SINGLE_POINT_NAME}"
         )
-    if out.exists() and not is_empty(out) and not overwrite:
-        raise DataError(
-            f"{out}: output exists and is not empty; pass --overwrite to replace it, "
-            "or choose another --out"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -287,9 +287,8 @@ class LmdbDataset(Dataset[AtomicGraph]):
         raw = self._stored(file_index, local)
         if isinstance(raw, BadEntry):
             return raw
-        source = f"{self._names[file_index]} entry {local}"
         try:
-            return loads_entry(raw, source=source)
+            return loads_entry(raw, source=_entry_name(self._names[file_index], local, None))
         except DataError as error:
             return self._bad(file_index, local, None, error)
 
@@ -299,7 +298,7 @@ class LmdbDataset(Dataset[AtomicGraph]):
         fields = self._decoded(file_index, local)
         if isinstance(fields, BadEntry):
             return fields
-        source = f"{self._names[file_index]} entry {local}"
+        source = _entry_name(self._names[file_index], local, None)
         try:
             graph = AtomicGraph.from_fields(fields, source=source, float_dtype=self.float_dtype)
         except Exception as error:  # a damaged or foreign entry can fail in unforeseen ways
@@ -308,9 +307,9 @@ class LmdbDataset(Dataset[AtomicGraph]):
 
     def _bad(self, file_index: int, local: int, sid: int | None, error: Exception) -> BadEntry:
         """``error`` (whose message starts with ``<file> entry <N>: ``) as a BadEntry."""
-        source = f"{self._names[file_index]} entry {local}: "
+        prefix = f"{_entry_name(self._names[file_index], local, None)}: "
         if isinstance(error, DataError):
-            reason = str(error).removeprefix(source)
+            reason = str(error).removeprefix(prefix)
         else:
             reason = f"cannot be read ({type(error).__name__}: {_first_line(error)})"
         return BadEntry(self._names[file_index], local, sid, reason)

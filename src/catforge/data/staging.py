@@ -1,7 +1,8 @@
-"""All-or-nothing output folders: write into a hidden temporary folder, rename it into place.
+"""All-or-nothing outputs: write into a hidden temporary folder or file, rename it into place.
 
-:func:`staged_output` is how the demo generator and ingest write a dataset: the target either
-ends up complete or is left untouched, and no temporary folder is left behind.
+:func:`staged_output` is how the demo generator, ingest and export write a dataset folder
+(:func:`staged_file` a single file): the target either ends up complete or is left untouched,
+and nothing temporary is left behind.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from catforge.errors import DataError
 
-__all__ = ["is_empty", "staged_output"]
+__all__ = ["is_empty", "staged_file", "staged_output"]
 
 
 def is_empty(path: Path) -> bool:
@@ -64,6 +65,22 @@ def _publish(tmp: Path, out: Path) -> None:
         os.replace(old, out)
         raise
     _remove(old)
+
+
+@contextmanager
+def staged_file(out: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a hidden temporary path beside the file ``out``; on success it replaces ``out``.
+
+    The same rules as :func:`staged_output`, for one file.
+    """
+    _check(out, overwrite, None)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(out, "tmp")
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @contextmanager
