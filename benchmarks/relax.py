@@ -45,11 +45,12 @@ from ase.constraints import FixAtoms
 from ase.optimize import LBFGS
 
 import catforge.data.neighbors
+from catforge.assemble.models import force_model, load_potential
 from catforge.calculator import CatforgeCalculator
 from catforge.data.atoms import atoms_to_graph
 from catforge.data.graph import AtomicGraph
 from catforge.models.forces import ModelOutput
-from catforge.models.schnet import build_schnet
+from catforge.models.schnet import SchNet
 from catforge.potential import Potential
 from catforge.relax.driver import RelaxSettings, relax
 from catforge.relax.lbfgs import BatchedLBFGS, LBFGSSettings
@@ -178,12 +179,12 @@ def load_potentials(args: argparse.Namespace) -> tuple[Potential, Potential]:
     """The model on the CPU (for ASE) and on ``--device`` (for catforge): the same weights, random
     (seeded) or the checkpoint's."""
     if args.checkpoint:
-        cpu = Potential.from_checkpoint(args.checkpoint, device="cpu")
+        cpu = load_potential(args.checkpoint, device="cpu")
         if torch.device(args.device) == cpu.device:
             return cpu, cpu
-        return cpu, Potential.from_checkpoint(args.checkpoint, device=args.device)
+        return cpu, load_potential(args.checkpoint, device=args.device)
     torch.manual_seed(args.seed)
-    model = build_schnet(**SIZES[args.size], **COMMON, regress_forces=True)
+    model = force_model(SchNet(**SIZES[args.size], **COMMON))
     cpu = Potential(model, TargetTransform(), "cpu")
     if torch.device(args.device) == cpu.device:
         return cpu, cpu

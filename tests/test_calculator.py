@@ -16,6 +16,7 @@ from ase.calculators.calculator import PropertyNotImplementedError
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import LBFGS
 
+from catforge.assemble.models import build_model, energy_field, load_potential
 from catforge.calculator import CatforgeCalculator
 from catforge.checkpoint import save_checkpoint
 from catforge.config import Config, RunOptions, load_config
@@ -24,8 +25,8 @@ from catforge.data.graph import AtomicGraph
 from catforge.data.lmdb import LmdbDataset
 from catforge.errors import CheckpointError
 from catforge.models.forces import ModelOutput
-from catforge.potential import Potential, build_model, energy_field
-from catforge.predict import run_predict
+from catforge.modes import run
+from catforge.potential import Potential
 from catforge.targets import Normalizer, TargetTransform
 from tests.factories import SMALL_MODEL, emt_slab
 
@@ -103,7 +104,8 @@ def test_calculator_equals_mode_predict(
         cpu=True,
     )
     config = load_config(CONFIGS["s2ef"], [*SMALL_MODEL, f"--dataset.test.src={test_src}"], options)
-    _, npz_path = run_predict(config)
+    run(config)
+    npz_path = tmp_path / "results" / "t" / "s2ef_predictions.npz"
     with np.load(npz_path) as npz:
         energies, blocks = npz["energy"], np.split(npz["forces"], npz["chunk_idx"])
     dataset = LmdbDataset(test_src)
@@ -138,7 +140,7 @@ def test_checkpoint_is_loaded_alone(
 def test_default_device_and_explicit_device_checks(s2ef_checkpoint: Written) -> None:
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert CatforgeCalculator(s2ef_checkpoint.path).potential.device.type == expected
-    potential = Potential.from_checkpoint(s2ef_checkpoint.path, device="cpu")
+    potential = load_potential(s2ef_checkpoint.path, device="cpu")
     assert CatforgeCalculator(potential=potential, device="cpu").potential is potential
     with pytest.raises(ValueError, match="runs on cpu"):
         CatforgeCalculator(potential=potential, device="meta")
@@ -149,7 +151,7 @@ def test_forces_are_minus_the_energy_gradient(tmp_path: Path, slab: Atoms) -> No
     # the energy jumps where the 50th and 51st neighbour swap, which breaks finite differences.
     config = load_config(CONFIGS["s2ef"], [*SMALL_MODEL, "--model.max_neighbors=1000"])
     path = write_checkpoint(config, tmp_path / "checkpoint.pt")
-    potential = Potential.from_checkpoint(path, config=config, device="cpu")
+    potential = load_potential(path, config=config, device="cpu")
     potential.model.double()
     assert potential.dtype == torch.float64
     slab.calc = CatforgeCalculator(potential=potential)
@@ -197,7 +199,7 @@ def test_velocity_verlet_conserves_energy(s2ef_checkpoint: Written, slab: Atoms)
 
 
 def test_results_are_cached_until_the_atoms_change(s2ef_checkpoint: Written, slab: Atoms) -> None:
-    counting = CountingPotential(Potential.from_checkpoint(s2ef_checkpoint.path, device="cpu"))
+    counting = CountingPotential(load_potential(s2ef_checkpoint.path, device="cpu"))
     slab.calc = CatforgeCalculator(potential=counting)
     energy = slab.get_potential_energy()
     assert slab.get_potential_energy() == energy
@@ -235,7 +237,7 @@ def test_bad_arguments(s2ef_checkpoint: Written, tmp_path: Path) -> None:
     missing = tmp_path / "runs" / "checkpoint.pt"
     with pytest.raises(CheckpointError, match=re.escape(str(missing))):
         CatforgeCalculator(missing)
-    potential = Potential.from_checkpoint(s2ef_checkpoint.path)
+    potential = load_potential(s2ef_checkpoint.path)
     with pytest.raises(ValueError, match="both"):
         CatforgeCalculator(s2ef_checkpoint.path, potential=potential)
     with pytest.raises(ValueError, match="needs a model"):

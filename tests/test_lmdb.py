@@ -15,7 +15,7 @@ from catforge.data.atoms import atoms_to_graph, fixed_mask, graph_to_atoms
 from catforge.data.collate import collate
 from catforge.data.lmdb import LmdbDataset, LmdbWriter, write_lmdb, write_shards
 from catforge.errors import ConfigError, DataError
-from catforge.registry import dataset_factories, lookup
+from catforge.registry import DATASETS
 from tests.factories import graphs, structures
 
 
@@ -115,9 +115,9 @@ def test_writer_failure_leaves_no_file(tmp_path: Path) -> None:
 
 def test_registered_names() -> None:
     for name in ("lmdb", "single_point_lmdb", "trajectory_lmdb"):
-        assert lookup(dataset_factories(), name, "dataset") is LmdbDataset
+        assert DATASETS.load(name) is LmdbDataset
     with pytest.raises(ConfigError, match="Did you mean 'trajectory_lmdb'"):
-        lookup(dataset_factories(), "trajectory_lmbd", "dataset")
+        DATASETS.lookup("trajectory_lmbd")
 
 
 def test_missing_and_empty_paths(tmp_path: Path) -> None:

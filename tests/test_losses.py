@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from catforge.errors import ConfigError
-from catforge.training.losses import LossTerm, energy_loss, loss_names, loss_term, s2ef_loss
+from catforge.training.losses import LossTerm, energy_force_loss, energy_loss, loss_names, loss_term
 
 
 def _data(seed: int = 0, n_atoms: int = 7, n_graphs: int = 3):
@@ -60,7 +60,7 @@ def test_unknown_loss_name_suggests() -> None:
 
 def test_free_atom_mask_and_coefficients() -> None:
     e_pred, e_true, f_pred, f_true, fixed = _data()
-    result = s2ef_loss(
+    result = energy_force_loss(
         e_pred, e_true, f_pred, f_true, fixed=fixed, energy_coefficient=2.0, force_coefficient=30.0
     )
     free = ~fixed.numpy()
@@ -69,7 +69,9 @@ def test_free_atom_mask_and_coefficients() -> None:
     assert result.parts["energy"].item() == pytest.approx(energy)
     assert result.parts["forces"].item() == pytest.approx(forces)
     assert result.total.item() == pytest.approx(2.0 * energy + 30.0 * forces)
-    all_atoms = s2ef_loss(e_pred, e_true, f_pred, f_true, fixed=fixed, train_on_free_atoms=False)
+    all_atoms = energy_force_loss(
+        e_pred, e_true, f_pred, f_true, fixed=fixed, train_on_free_atoms=False
+    )
     expected = np.mean(np.abs(f_pred.numpy() - f_true.numpy()))
     assert all_atoms.parts["forces"].item() == pytest.approx(expected)
 
@@ -77,7 +79,7 @@ def test_free_atom_mask_and_coefficients() -> None:
 def test_loss_has_gradient_and_zero_coefficient_drops_term() -> None:
     e_pred, e_true, f_pred, f_true, fixed = _data()
     f_pred.requires_grad_(True)
-    result = s2ef_loss(e_pred, e_true, f_pred, f_true, fixed=fixed, energy_coefficient=0.0)
+    result = energy_force_loss(e_pred, e_true, f_pred, f_true, fixed=fixed, energy_coefficient=0.0)
     assert set(result.parts) == {"forces"}
     result.total.backward()
     assert f_pred.grad is not None
@@ -94,7 +96,7 @@ def test_energy_loss_is2re() -> None:
 def test_all_atoms_fixed_gives_zero_force_loss() -> None:
     e_pred, e_true, f_pred, f_true, _ = _data()
     fixed = torch.ones(7, dtype=torch.bool)
-    result = s2ef_loss(e_pred, e_true, f_pred, f_true, fixed=fixed)
+    result = energy_force_loss(e_pred, e_true, f_pred, f_true, fixed=fixed)
     assert result.parts["forces"].item() == 0.0
 
 
@@ -109,7 +111,7 @@ def test_two_half_batches_with_global_count_equal_full_batch(name: str) -> None:
     def grads(graph_slice: slice | None, atom_slice: slice | None, **kwargs):
         w = weights.clone().requires_grad_(True)
         gs, ats = graph_slice or slice(None), atom_slice or slice(None)
-        result = s2ef_loss(
+        result = energy_force_loss(
             e_pred[gs], e_true[gs], (f_pred * w)[ats], f_true[ats], fixed=fixed[ats],
             loss_energy=name, loss_force=name, **kwargs,
         )  # fmt: skip
@@ -120,7 +122,7 @@ def test_two_half_batches_with_global_count_equal_full_batch(name: str) -> None:
     # pass 1: each rank's local (sum, count); the all-reduce of the counts is their sum
     locals_ = [grads(g, a)[0] for g, a in ranks]
     totals = {k: sum(r.terms[k].count for r in locals_) for k in ("energy", "forces")}
-    # pass 2: each rank divides by the global counts (s2ef_loss reduces energy, then forces)
+    # pass 2: each rank divides by the global counts (energy_force_loss reduces energy, then forces)
     results, grad_sum = [], torch.zeros_like(weights)
     for g, a in ranks:
         pending = [totals["energy"], totals["forces"]]

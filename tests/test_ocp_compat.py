@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -18,17 +17,19 @@ import pytest
 import torch
 from ase.data import atomic_masses
 
+from catforge.assemble.training import loss_settings
+from catforge.assemble.training import schedule as build_schedule
 from catforge.checkpoint import load_weights
 from catforge.config import parse_config
 from catforge.data.atoms import atoms_to_graph
 from catforge.data.collate import collate
 from catforge.errors import CheckpointError, ConfigError
-from catforge.models.schnet import build_schnet
-from catforge.registry import dataset_factories
+from catforge.models.forces import ModelOutput
+from catforge.models.schnet import SchNet
+from catforge.registry import DATASETS
 from catforge.targets import TargetTransform
 from catforge.training import losses
 from catforge.training.optim import build_optimizer
-from catforge.training.trainer import Trainer
 from tests.factories import emt_slab
 
 
@@ -49,7 +50,7 @@ def raw_config(**sections: Any) -> dict[str, Any]:
 
 def _small_schnet(seed: int, **block: Any) -> torch.nn.Module:
     torch.manual_seed(seed)
-    return build_schnet(hidden_channels=8, num_filters=8, num_gaussians=10, **block)
+    return SchNet(hidden_channels=8, num_filters=8, num_gaussians=10, **block)
 
 
 def test_ocp_schnet_checkpoint_with_the_atomic_mass_buffer_loads(caplog) -> None:
@@ -75,7 +76,8 @@ def test_ocp_reference_schnet_with_atomic_mass_loads(shared_data: Path) -> None:
     state = dict(reference["state_dict"])
     assert len(state) == 32
     state["atomic_mass"] = torch.from_numpy(atomic_masses)
-    model = build_schnet(**block)
+    block.pop("regress_forces", None)
+    model = SchNet(**block)
     load_weights(model, state, "schnet.pt")
     for key, value in reference["state_dict"].items():
         assert torch.equal(model.state_dict()[key], value), key
@@ -109,18 +111,20 @@ def test_strict_load_false_loads_the_matching_keys_and_warns(caplog) -> None:
         load_weights(target, state, "ckpt.pt", strict=False)
 
 
-def test_task_strict_load_reaches_prediction_models() -> None:
+def test_task_strict_load_reaches_prediction_models(tmp_path: Path) -> None:
     """``task.strict_load: False`` in a config loads a checkpoint with an extra key for
-    predict, validate, relaxations and the calculator (all go through ``load_model``)."""
-    from catforge.potential import load_model
+    predict, validate, relaxations and the calculator (all load through ``load_potential``)."""
+    from catforge.assemble.models import load_potential
+    from catforge.checkpoint import save_checkpoint
 
     strict = parse_config(raw_config())
     relaxed = parse_config(raw_config(task={"strict_load": False}))
     state = dict(_small_schnet(0).state_dict())
     state["head.extra"] = torch.zeros(3)
+    path = save_checkpoint({"state_dict": state}, tmp_path / "ckpt.pt")
     with pytest.raises(CheckpointError, match=r"unexpected parameter 'head\.extra'"):
-        load_model(strict, {"state_dict": state}, "ckpt.pt")
-    model = load_model(relaxed, {"state_dict": state}, "ckpt.pt")
+        load_potential(path, config=strict)
+    model = load_potential(path, config=relaxed).model
     assert torch.equal(model.state_dict()["lin1.weight"], state["lin1.weight"])
 
 
@@ -180,7 +184,7 @@ def test_oc22_dataset_is_registered_and_its_flags_are_handled() -> None:
     off (dropped) or refused with what to do instead."""
     config = parse_config(raw_config(task={"dataset": "oc22_lmdb"}), "oc22.yml")
     assert config.task.dataset == "oc22_lmdb"
-    assert dataset_factories()["oc22_lmdb"] is dataset_factories()["lmdb"]
+    assert DATASETS.load("oc22_lmdb") is DATASETS.load("lmdb")
     off = [{"src": "train", "lin_ref": False, "train_on_oc20_total_energies": False}]
     assert parse_config(raw_config(dataset=off)).dataset.split("train").src == Path("train")
     with pytest.raises(ConfigError, match=r"dataset\.train\.lin_ref .*task\.element_references"):
@@ -200,7 +204,7 @@ def test_oc22_sample_reads_with_total_energies(shared_data: Path, tmp_path: Path
     items = loads_pickle_file(shared_data / "oc22" / "oc22_pickle16_train.pkl")
     graphs = [AtomicGraph.from_fields(item, source="oc22") for item in items]
     write_lmdb(graphs, tmp_path / "oc22.lmdb")
-    dataset = dataset_factories()["oc22_lmdb"](tmp_path / "oc22.lmdb")
+    dataset = DATASETS.load("oc22_lmdb")(tmp_path / "oc22.lmdb")
     assert len(dataset) == 16
     assert float(dataset[0].y) == pytest.approx(float(np.asarray(items[0]["y"])), abs=1e-4)
 
@@ -211,17 +215,17 @@ def _tagged_batch() -> Any:
 
 
 def test_trainer_loss_uses_the_tag_weights() -> None:
-    """``Trainer._loss`` passes ``task.tag_specific_weights`` and the batch's tags through."""
+    """The training loss passes ``task.tag_specific_weights`` and the batch's tags through."""
     weights = [0.05, 1.0, 2.0]
     config = parse_config(
         raw_config(task={"tag_specific_weights": weights}, optim={"max_epochs": 1}), "fn.yml"
     )
     batch = _tagged_batch()
-    trainer = SimpleNamespace(config=config, transform=TargetTransform(), world_size=1)
     gen = torch.Generator().manual_seed(0)
     energy = torch.randn(batch.n_graphs, generator=gen)
     forces = torch.randn(batch.n_atoms, 3, generator=gen)
-    result = Trainer._loss(trainer, energy, forces, batch)  # type: ignore[arg-type]
+    output = ModelOutput(energy, forces)
+    result = loss_settings(config).compute(output, batch, TargetTransform())
     error = np.abs(forces.numpy() - batch.force.numpy()).sum(axis=1)
     w = np.array(weights)[batch.tags.numpy()]
     expected_forces = (error * w).sum() / (3 * w.sum())
@@ -236,23 +240,18 @@ def test_plateau_scheduler_steps_on_the_primary_metric_with_the_configs_mode(cap
     optim = {"max_epochs": 1, "scheduler": "ReduceLROnPlateau", "mode": "min", "factor": 0.5,
              "patience": 0}  # fmt: skip
     config = parse_config(raw_config(optim=optim), "gemnet.yml")
-    model = torch.nn.Linear(2, 1)
-    trainer = SimpleNamespace(
-        config=config, steps_per_epoch=10, total_steps=10,
-        optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        primary="energy_force_within_threshold",
-    )  # fmt: skip
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
     with caplog.at_level(logging.WARNING, logger="catforge.training.optim"):
-        schedule = Trainer._build_schedule(trainer)  # type: ignore[arg-type]
+        schedule = build_schedule(config, optimizer, steps_per_epoch=10, total_steps=10)
     assert "energy_force_within_threshold (higher is better) with mode 'min'" in caplog.text
     assert schedule.scheduler.mode == "min"
     schedule.step_eval(0.1)
     schedule.step_eval(0.2)  # EFwT improved, but mode min sees no decrease: the LR drops
     assert schedule.lr == pytest.approx(0.05)
     caplog.clear()
-    trainer.primary = "forces_mae"
+    on_forces = parse_config(raw_config(optim=optim, task={"primary_metric": "forces_mae"}))
     with caplog.at_level(logging.WARNING, logger="catforge.training.optim"):
-        Trainer._build_schedule(trainer)  # type: ignore[arg-type]
+        build_schedule(on_forces, optimizer, steps_per_epoch=10, total_steps=10)
     assert "ReduceLROnPlateau" not in caplog.text
 
 
@@ -265,7 +264,7 @@ def test_tag_weighted_force_loss_by_hand() -> None:
     tags = torch.tensor([0, 1, 2, 5])  # tag 5 weighs 0, as in OCP (zeros_like)
     e_pred, e_true = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 2.5])
     fixed = torch.tensor([True, False, False, False])  # not a mask with tag weights (OCP)
-    result = losses.s2ef_loss(
+    result = losses.energy_force_loss(
         e_pred, e_true, f_pred, f_true, fixed=fixed, energy_coefficient=2.0,
         force_coefficient=100.0, tag_weights=[0.05, 1.0, 2.0], tags=tags,
     )  # fmt: skip
@@ -344,7 +343,7 @@ def test_atomwise_l2_force_loss_by_hand_and_under_ddp() -> None:
     natoms = torch.tensor([2, 3])  # atoms 0-1 in structure 0, atoms 2-4 in structure 1
     fixed = torch.tensor([False, True, False, False, False])
     e = torch.zeros(2)
-    result = losses.s2ef_loss(
+    result = losses.energy_force_loss(
         e, e, f_pred, f_true, fixed=fixed, loss_force="atomwisel2", force_coefficient=1.0,
         natoms=natoms,
     )  # fmt: skip

@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import torch
 
+from catforge.assemble.models import build_model
 from catforge.checkpoint import save_checkpoint
 from catforge.config import Config, RunOptions, load_config
 from catforge.data.atoms import atoms_to_graph, graph_to_atoms
 from catforge.data.lmdb import LmdbDataset, write_lmdb
 from catforge.errors import ConfigError, DataError
 from catforge.models.forces import ForceModel
-from catforge.potential import Potential, build_model
-from catforge.predict import Predictions, predict, run_predict, write_predictions
+from catforge.modes import run
+from catforge.potential import Potential
+from catforge.predict import Predictions, predict, write_predictions
 from catforge.targets import Normalizer, TargetTransform
-from catforge.training.build import build_loader
+from catforge.training.loaders import build_loader
 from tests.factories import SMALL_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,9 +198,10 @@ def test_run_predict_end_to_end(s2ef: Case, demo: Path, tmp_path: Path) -> None:
     state = {"state_dict": model.state_dict(), "normalizers": transform.state_dict()}
     save_checkpoint({**state, "config": config.to_dict()}, checkpoint)
     options = RunOptions(mode="predict", run_dir=tmp_path, checkpoint=checkpoint, timestamp_id="t")
-    paths = run_predict(make_config(demo, "s2ef", options))
+    run(make_config(demo, "s2ef", options))
     results = tmp_path / "results" / "t"
-    assert paths == [results / "predictions.json", results / "s2ef_predictions.npz"]
+    paths = [results / "predictions.json", results / "s2ef_predictions.npz"]
+    assert sorted(results.iterdir()) == paths
     with np.load(paths[1]) as npz:
         assert npz["ids"].tolist() == predictions.ids
         np.testing.assert_allclose(npz["energy"], predictions.energy, rtol=1e-5, atol=1e-6)
@@ -208,7 +211,7 @@ def test_run_predict_errors(s2ef: Case, demo: Path, tmp_path: Path) -> None:
     from catforge.errors import CheckpointError
 
     with pytest.raises(ConfigError, match="--checkpoint"):
-        run_predict(make_config(demo, "s2ef", RunOptions(mode="predict", run_dir=tmp_path)))
+        run(make_config(demo, "s2ef", RunOptions(mode="predict", run_dir=tmp_path)))
     checkpoint = tmp_path / "ckpt.pt"
     save_checkpoint({"state_dict": s2ef.model.state_dict()}, checkpoint)
     options = RunOptions(mode="predict", run_dir=tmp_path, checkpoint=checkpoint)
@@ -218,4 +221,4 @@ def test_run_predict_errors(s2ef: Case, demo: Path, tmp_path: Path) -> None:
         options,
     )
     with pytest.raises(CheckpointError, match=r"does not fit the configured model: .*shape"):
-        run_predict(wider)
+        run(wider)

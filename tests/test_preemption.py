@@ -49,7 +49,7 @@ def test_ctrl_c_before_training_starts_exits_130_and_leaves_no_folders(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("catforge.modes.build_model", interrupted)
+    monkeypatch.setattr("catforge.modes.training_run", interrupted)
     argv = [
         "--mode", "train", "--config-yml", str(ROOT / "configs" / "demo" / "s2ef_schnet.yml"),
         *data_overrides(demo, "s2ef"), *SMALL_MODEL, "--optim.max_steps=2", "--cpu",

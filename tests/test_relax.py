@@ -11,11 +11,12 @@ from ase import Atoms
 from ase.calculators.emt import EMT
 from ase.optimize import LBFGS
 
+from catforge.assemble.models import force_model
 from catforge.data.atoms import atoms_to_graph, graph_to_atoms
 from catforge.data.graph import AtomicGraph
 from catforge.data.lmdb import LmdbDataset
 from catforge.models.forces import ModelOutput
-from catforge.models.schnet import build_schnet
+from catforge.models.schnet import SchNet
 from catforge.potential import Potential
 from catforge.relax.driver import Frame, FrameObserver, RelaxResult, RelaxSettings, relax
 from catforge.relax.forcefields import AseForceField, ForceField
@@ -89,9 +90,15 @@ def test_batched_with_refill_equals_one_by_one() -> None:
 
 def small_potential(seed: int = 0) -> Potential:
     torch.manual_seed(seed)
-    model = build_schnet(hidden_channels=16, num_filters=16, num_interactions=2,
-                         num_gaussians=20, cutoff=5.0, otf_graph=True)  # fmt: skip
-    return Potential(model.double(), TargetTransform())
+    model = SchNet(
+        hidden_channels=16,
+        num_filters=16,
+        num_interactions=2,
+        num_gaussians=20,
+        cutoff=5.0,
+        otf_graph=True,
+    )
+    return Potential(force_model(model).double(), TargetTransform())
 
 
 def test_trained_model_batched_equals_alone() -> None:
@@ -176,7 +183,7 @@ def test_steps_cap_and_zero_steps() -> None:
 
 def test_energy_only_model_is_refused() -> None:
     torch.manual_seed(0)
-    model = build_schnet(hidden_channels=8, num_filters=8, num_gaussians=10, regress_forces=False)
+    model = force_model(SchNet(hidden_channels=8, num_filters=8, num_gaussians=10), False)
     with pytest.raises(ValueError, match="forces"):
         run(Potential(model, TargetTransform()), slabs()[:1], RelaxSettings(3, 0.0, 1))
 

@@ -20,11 +20,11 @@ from ase import Atoms
 from ase.io import read
 
 from catforge import progress as progress_module
+from catforge.assemble.models import build_model, load_potential
 from catforge.checkpoint import save_checkpoint
 from catforge.cli import main
 from catforge.config import load_config
 from catforge.data.lmdb import LmdbDataset, write_lmdb
-from catforge.potential import Potential, build_model
 from catforge.relax import run as relax_run
 from catforge.relax.driver import RelaxResult
 from catforge.relax.trajectory import LOCK_NAME
@@ -95,7 +95,7 @@ def test_outputs_trajectories_and_metrics(setup: Setup) -> None:
         blocks = np.split(npz["pos"], npz["chunk_idx"])
     with np.load(results / "relaxed_energies.npz") as npz:
         energies, steps = npz["energy"], npz["steps"]
-    potential = Potential.from_checkpoint(setup.checkpoint)
+    potential = load_potential(setup.checkpoint)
     for index, (record, block) in enumerate(zip(records, blocks, strict=True)):
         initial = dataset[index]
         np.testing.assert_allclose(block, record["positions"], atol=1e-12)

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from catforge.assemble.models import build_model
 from catforge.checkpoint import save_checkpoint
 from catforge.config import load_config
-from catforge.potential import build_model
 from catforge.targets import Normalizer, TargetTransform
 from tests.factories import SMALL_MODEL
 
@@ -34,8 +34,8 @@ import sys
 import torch
 torch.set_num_threads(2)
 if sys.argv[1] == "models":
-    from catforge.models.schnet import build_schnet
-    build_schnet(hidden_channels=8, num_filters=8, num_gaussians=10)
+    from catforge.models.schnet import SchNet
+    SchNet(hidden_channels=8, num_filters=8, num_gaussians=10)
 v = (torch.rand(26800, 3, generator=torch.Generator().manual_seed(0)) - 0.5) * 12
 for _ in range(2):
     sq = v.square().sum(-1)

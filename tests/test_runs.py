@@ -102,12 +102,13 @@ def test_predict_takes_its_run_id_when_it_starts(
 
     seen: list[str | None] = []
 
-    def predict_later(config: Config) -> list[Path]:
+    def predict_later(config: Config, context: modes.RunContext) -> dict[str, float]:
         seen.append(config.options.timestamp_id)
-        assert RunPaths.for_config(config).results_dir.is_dir()
-        return []
+        assert context.paths.results_dir.is_dir()
+        assert context.paths.results_dir == RunPaths.for_config(config).results_dir
+        return {}
 
-    monkeypatch.setattr(modes, "run_predict", predict_later)
+    monkeypatch.setattr(modes, "predict", predict_later)
     config_file = Path(__file__).resolve().parents[1] / "configs" / "demo" / "s2ef_schnet.yml"
     options = RunOptions(mode="predict", run_dir=tmp_path, checkpoint=tmp_path / "unused.pt")
     modes.run(load_config(config_file, [], options))
@@ -118,7 +119,7 @@ def test_predict_takes_its_run_id_when_it_starts(
 def test_data_loader_workers_are_capped_at_the_cpus(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from catforge.training import build
+    from catforge.training import loaders as build
 
     monkeypatch.setattr(build, "available_cpus", lambda: 2)
     assert build.capped_workers(1) == 1

@@ -3,8 +3,8 @@
 :class:`CatforgeCalculator` wraps a :class:`~catforge.potential.Potential` (weights, normalisers
 and model config of one checkpoint), so that ASE optimisers, MD integrators and NEB run on a
 trained model. The checkpoint is read alone: no dataset is opened. Every calculation converts the
-current ``Atoms`` (positions, cell, pbc, tags, FixAtoms) to a graph without edges, so the model
-builds its neighbour list from the current positions each time::
+current ``Atoms`` (positions, cell, pbc, tags, FixAtoms) to a graph without edges, so the model's
+graph step builds the neighbour list from the current positions each time::
 
     from ase.optimize import LBFGS
     from catforge.calculator import CatforgeCalculator
@@ -27,8 +27,9 @@ import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 
+from catforge.assemble.models import choose_device, load_potential
 from catforge.data.atoms import atoms_to_graph
-from catforge.potential import Potential, pick_device
+from catforge.potential import Potential
 
 
 class CatforgeCalculator(Calculator):
@@ -81,7 +82,7 @@ class CatforgeCalculator(Calculator):
                 "models); use a checkpoint of a forces (S2EF) model to get forces"
             )
         super().calculate(atoms, list(properties), list(system_changes))
-        # A graph without edges: the model builds its neighbour list from these positions.
+        # A graph without edges: the model's graph step builds them from these positions.
         graph = atoms_to_graph(self.atoms, with_labels=False, float_dtype=self.potential.dtype)
         output = self.potential(graph)
         energy = float(output.energy.item())
@@ -101,8 +102,8 @@ def _resolve_potential(
             "CatforgeCalculator got both checkpoint= and potential=; give exactly one of them"
         )
     if checkpoint is not None:
-        run_on = pick_device(cpu=False) if device is None else torch.device(device)
-        return Potential.from_checkpoint(checkpoint, device=run_on)
+        run_on = choose_device(cpu=False) if device is None else torch.device(device)
+        return load_potential(checkpoint, device=run_on)
     if potential is None:
         raise ValueError(
             "CatforgeCalculator needs a model: give checkpoint=PATH or potential=Potential"

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from catforge.registry import lookup
+from catforge.registry import METRIC_DIRECTIONS, PRIMARY_METRICS, TASK_METRICS, lookup_name
 
 ENERGY_THRESHOLD = 0.02
 """eV; EwT and EFwT count a system when ``|dE| < ENERGY_THRESHOLD``."""
@@ -39,42 +39,6 @@ ADWT_THRESHOLDS = np.arange(0.01, 0.5, 0.001)
 """A; the 490 distance thresholds of ADwT, exactly OCP's ``np.arange(0.01, 0.5, 0.001)``."""
 COSINE_EPS = 1e-8
 """Norm clamp of ``forces_cos`` (torch's default, as OCP)."""
-
-TASK_METRICS: dict[str, tuple[str, ...]] = {
-    "s2ef": (
-        "forcesx_mae",
-        "forcesy_mae",
-        "forcesz_mae",
-        "forces_mae",
-        "forces_cos",
-        "forces_magnitude",
-        "energy_mae",
-        "energy_force_within_threshold",
-    ),
-    "is2re": ("energy_mae", "energy_mse", "energy_within_threshold"),
-    "is2rs": ("average_distance_within_threshold", "positions_mae", "positions_mse"),
-}
-"""Metric names reported per OCP task (V3 lists; training adds ``loss``)."""
-
-PRIMARY_METRICS: dict[str, str] = {
-    "s2ef": "energy_force_within_threshold",
-    "is2re": "energy_mae",
-    "is2rs": "average_distance_within_threshold",
-}
-"""Default ``task.primary_metric`` per task (selects ``best_checkpoint.pt``)."""
-
-METRIC_DIRECTIONS: dict[str, str] = {
-    **{name: "min" for name in ("energy_mae", "energy_mse", "positions_mae", "positions_mse")},
-    **{f"forces{axis}_mae": "min" for axis in ("", "x", "y", "z")},
-    **{f"forces{axis}_mse": "min" for axis in ("", "x", "y", "z")},
-    "forces_magnitude": "min",
-    "loss": "min",
-    "forces_cos": "max",
-    "energy_within_threshold": "max",
-    "energy_force_within_threshold": "max",
-    "average_distance_within_threshold": "max",
-}
-"""``"min"`` where lower is better, ``"max"`` where higher is better."""
 
 
 class MetricTotals:
@@ -336,7 +300,7 @@ def metric_direction(name: str) -> str:
         return "min"
     if name.endswith("_within_threshold"):
         return "max"
-    return lookup(METRIC_DIRECTIONS, name, "metric")
+    return lookup_name(METRIC_DIRECTIONS, name, "metric")
 
 
 def is_better(name: str, new: float, old: float | None) -> bool:
@@ -354,12 +318,12 @@ def is_better(name: str, new: float, old: float | None) -> bool:
 
 def task_metrics(task: str) -> tuple[str, ...]:
     """The metric names of ``task`` (``s2ef``, ``is2re``, ``is2rs``)."""
-    return lookup(TASK_METRICS, task, "task")
+    return lookup_name(TASK_METRICS, task, "task")
 
 
 def primary_metric(task: str) -> str:
     """The default primary metric of ``task``."""
-    return lookup(PRIMARY_METRICS, task, "task")
+    return lookup_name(PRIMARY_METRICS, task, "task")
 
 
 def format_metrics_table(metrics: Mapping[str, float]) -> str:

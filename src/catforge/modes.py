@@ -1,117 +1,146 @@
-"""The run modes of ``main.py --mode``: short functions over objects built from the config.
+"""The run modes of ``main.py --mode``: short functions over objects the assembly builds.
 
-Every mode first reserves its run folders (:meth:`catforge.runs.RunPaths.reserve`: a unique id
-taken at the start) and stores the id in ``config.options.timestamp_id``; a mode that fails
-before writing anything removes the folders it created.
+:func:`run` reserves the run folders first (:meth:`catforge.runs.RunPaths.reserve`: a unique id
+taken at the start), stores the id in ``config.options.timestamp_id``, decides the device once,
+and calls the mode named in :data:`catforge.registry.MODES`; a mode that fails before writing
+anything removes the folders it created.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from catforge.assemble.data import evaluation_loader, open_split
+from catforge.assemble.models import choose_device, load_potential, with_forces
+from catforge.assemble.relax import relax_job, relax_potential, relax_structures
+from catforge.assemble.training import training_run
 from catforge.atomic import write_json
-from catforge.checkpoint import load_checkpoint, load_weights
+from catforge.checkpoint import load_checkpoint
 from catforge.config import Config
 from catforge.distributed import is_main
 from catforge.errors import CheckpointError, ConfigError
 from catforge.evaluate import evaluate
-from catforge.loggers import RunLogger
 from catforge.metrics import format_metrics_table
-from catforge.potential import (
-    Potential,
-    build_model,
-    check_checkpoint_task,
-    pick_device,
-    with_forces,
-)
-from catforge.predict import run_predict
+from catforge.potential import check_checkpoint_task
+from catforge.predict import predict_to_files
 from catforge.preemption import stop_requests
+from catforge.registry import MODES
 from catforge.relax.run import run_relaxations
 from catforge.runs import RunPaths
-from catforge.training.build import build_dataset, build_eval_loader, check_labels
 from catforge.training.resume import report_config_diff
-from catforge.training.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
-MODES = ("train", "validate", "predict", "run-relaxations")
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every mode gets besides the config: its folders, its device and, when training
+    resumes, the ``checkpoint.pt`` dict."""
+
+    paths: RunPaths
+    device: torch.device
+    resume: dict[str, Any] | None = None
 
 
 def run(config: Config) -> dict[str, float]:
-    """Dispatch on ``config.options.mode``; returns the metrics the mode produced."""
-    mode = config.options.mode
-    if mode not in MODES:
-        raise ConfigError(f"unknown --mode {mode}; use {', '.join(MODES)}")
+    """Run ``config.options.mode``; returns the metrics the mode produced."""
+    mode: Callable[[Config, RunContext], dict[str, float]] = MODES.load(config.options.mode)
     torch.manual_seed(config.options.seed)
-    resume = _resume_state(config) if mode == "train" else None
+    resume = _resume_state(config) if config.options.mode == "train" else None
     paths = _reserve(config, resume)
     config = dataclasses.replace(
         config, options=dataclasses.replace(config.options, timestamp_id=paths.timestamp_id)
     )
     try:
-        if mode == "train":
-            return train(config, paths, resume)
-        if mode == "validate":
-            return validate(config)
-        if mode == "predict":
-            run_predict(config)
-            return {}
-        return run_relaxations(config)
+        return mode(config, RunContext(paths, choose_device(config.options.cpu), resume))
     except BaseException:
         paths.remove_empty(config.options.run_dir)
         raise
 
 
-def train(
-    config: Config, paths: RunPaths, resume: dict[str, Any] | None = None
-) -> dict[str, float]:
+def train(config: Config, context: RunContext) -> dict[str, float]:
     """``--mode train``: fit the model, evaluate on val, write checkpoints, logs and metrics.
 
-    With ``--checkpoint CKPT`` (``resume``, its state) the run continues exactly where CKPT
+    With ``--checkpoint CKPT`` (``context.resume``) the run continues exactly where CKPT
     stopped, in the same run folders; ``optim.init_from`` starts a new run from a checkpoint's
     weights only. Ctrl-C or a cluster's stop signal ends training after the current step with a
     checkpoint (:mod:`catforge.preemption`).
     """
-    writes = not config.options.debug and is_main()
-    train_set = build_dataset(config, config.dataset.split("train"), "train")
-    val_entry = config.dataset.val
-    val_set = None if val_entry is None else build_dataset(config, val_entry, "val")
-    check_labels(config, train_set, "train")
-    if val_set is not None:
-        check_labels(config, val_set, "val")
-    model = build_model(config)
-    if resume is not None:
-        load_weights(model, resume["state_dict"], str(config.options.checkpoint))
-    elif config.optim.init_from is not None:
-        init = load_checkpoint(config.optim.init_from)
-        load_weights(
-            model, init["state_dict"], str(config.optim.init_from), strict=config.task.strict_load
-        )
-        log.info("fine-tuning from the weights of %s", config.optim.init_from)
-    resume_step = None if resume is None else int(resume.get("step", 0))
-    logger = (
-        RunLogger(paths.logs_dir, paths.results_dir / "metrics.jsonl", resume_step=resume_step)
-        if writes
-        else RunLogger.disabled()
-    )
-    device = pick_device(config.options.cpu)
-    with logger:
-        trainer = Trainer(config, model, train_set, val_set, paths, device, logger, resume)
-        with stop_requests() as trainer.stop:
-            metrics = trainer.train()
-    if writes:
+    paths = context.paths
+    run = training_run(config, paths, context.device, context.resume)
+    with run.logger, stop_requests() as stop:
+        metrics = run.trainer.train(stop)
+    if not config.options.debug and is_main():
         best = paths.checkpoint_dir / "best_checkpoint.pt"
         print(f"checkpoint: {paths.checkpoint_dir / 'checkpoint.pt'}")
         if best.is_file():
-            print(f"best checkpoint ({trainer.primary}): {best}")
+            print(f"best checkpoint ({run.trainer.primary}): {best}")
         print(f"tensorboard logs: {paths.logs_dir}")
         print(f"metrics log: {paths.results_dir / 'metrics.jsonl'}")
     return metrics
+
+
+def validate(config: Config, context: RunContext) -> dict[str, float]:
+    """``--mode validate --checkpoint CKPT``: metrics of the val set, printed and saved as JSON."""
+    checkpoint = _needs_checkpoint(config, "validate")
+    purpose = f"{config.task_name.upper()} metrics"
+    potential = load_potential(checkpoint, config=config, device=context.device, purpose=purpose)
+    loader = evaluation_loader(config, open_split(config, "val", labelled=True))
+    totals = evaluate(
+        potential.model,
+        loader,
+        potential.transform,
+        context.device,
+        with_forces=with_forces(config),
+        eval_on_free_atoms=config.task.eval_on_free_atoms,
+    )
+    metrics = totals.compute()
+    if not is_main():
+        return metrics
+    print(format_metrics_table(metrics))
+    if not config.options.debug:
+        path = write_json(context.paths.results_dir / "metrics_val.json", metrics, indent=2)
+        print(f"metrics: {path}")
+    return metrics
+
+
+def predict(config: Config, context: RunContext) -> dict[str, float]:
+    """``--mode predict --checkpoint CKPT``: predictions of the test set, written as files."""
+    checkpoint = _needs_checkpoint(config, "predict")
+    task = config.task_name
+    purpose = f"{task.upper()} predictions"
+    potential = load_potential(checkpoint, config=config, device=context.device, purpose=purpose)
+    test_set = open_split(config, "test")
+    predict_to_files(
+        potential,
+        evaluation_loader(config, test_set),
+        size=len(test_set),  # type: ignore[arg-type]
+        task="is2re" if task == "is2re" else "s2ef",
+        results_dir=context.paths.results_dir,
+        dtype=config.task.prediction_dtype,
+    )
+    return {}
+
+
+def relax(config: Config, context: RunContext) -> dict[str, float]:
+    """``--mode run-relaxations --checkpoint CKPT``: batched LBFGS over ``task.relax_dataset``."""
+    job = relax_job(config, context.paths)
+    potential = relax_potential(config, job.checkpoint, context.device)
+    dataset, count = relax_structures(config)
+    return run_relaxations(job, potential, dataset, count)
+
+
+def _needs_checkpoint(config: Config, mode: str) -> Path:
+    if config.options.checkpoint is None:
+        raise ConfigError(f"--mode {mode} needs --checkpoint CKPT")
+    return config.options.checkpoint
 
 
 def _resume_state(config: Config) -> dict[str, Any] | None:
@@ -140,30 +169,3 @@ def _reserve(config: Config, resume: dict[str, Any] | None) -> RunPaths:
     if run_id is None:
         run_id = resume.get("run_id") or Path(str(options.checkpoint)).resolve().parent.name
     return RunPaths.reserve(config, run_id)
-
-
-def validate(config: Config) -> dict[str, float]:
-    """``--mode validate --checkpoint CKPT``: metrics of the val set, printed and saved as JSON."""
-    if config.options.checkpoint is None:
-        raise ConfigError("--mode validate needs --checkpoint CKPT")
-    device = pick_device(config.options.cpu)
-    purpose = f"{config.task_name.upper()} metrics"
-    potential = Potential.from_checkpoint(
-        config.options.checkpoint, config=config, device=device, purpose=purpose
-    )
-    val_set = build_dataset(config, config.dataset.split("val"), "val")
-    check_labels(config, val_set, "val")
-    loader = build_eval_loader(config, val_set)
-    totals = evaluate(
-        potential.model, loader, potential.transform, device, with_forces=with_forces(config),
-        eval_on_free_atoms=config.task.eval_on_free_atoms,
-    )  # fmt: skip
-    metrics = totals.compute()
-    results = RunPaths.for_config(config).results_dir
-    if not is_main():
-        return metrics
-    print(format_metrics_table(metrics))
-    if not config.options.debug:
-        path = write_json(results / "metrics_val.json", metrics, indent=2)
-        print(f"metrics: {path}")
-    return metrics

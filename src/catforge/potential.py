@@ -2,7 +2,9 @@
 
 A :class:`Potential` is a :class:`~catforge.models.forces.ForceModel` plus the label
 normalisers it was trained with, so that every consumer gets the same denormalised energies (eV)
-and forces (eV/A) from the same checkpoint. Nothing here depends on the training loop.
+and forces (eV/A) from the same checkpoint (loaded by
+:func:`catforge.assemble.models.load_potential`). Nothing here depends on the training loop
+or the config.
 """
 
 from __future__ import annotations
@@ -12,86 +14,10 @@ from typing import Any
 
 import torch
 
-from catforge.checkpoint import load_checkpoint, load_weights
-from catforge.config import Config, parse_config
-from catforge.config.build import model_factory
 from catforge.data.graph import AtomicGraph
-from catforge.errors import CheckpointError, ConfigError
+from catforge.errors import CheckpointError
 from catforge.models.forces import ForceModel, ModelOutput
-from catforge.targets import ElementReferences, Normalizer, TargetTransform
-
-
-def energy_field(config: Config) -> str:
-    """The energy label: ``y_relaxed`` for the IS2RE ``energy`` trainer, ``y`` for S2EF."""
-    return "y_relaxed" if config.trainer == "energy" else "y"
-
-
-def with_forces(config: Config) -> bool:
-    """Whether the run trains and evaluates forces (the ``forces`` trainer)."""
-    return config.trainer == "forces"
-
-
-def pick_device(cpu: bool) -> torch.device:
-    """CUDA when available and not ``--cpu``, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
-
-
-def build_model(config: Config) -> ForceModel:
-    """The model named by ``model.name`` with its attributes (forces for the forces trainer)."""
-    model = model_factory(config.model.name)(**config.model.attributes)
-    if not isinstance(model, ForceModel):
-        raise ConfigError(f"model '{config.model.name}' did not build a ForceModel")
-    if with_forces(config) and not model.regress_forces:
-        raise ConfigError("trainer 'forces' needs model.regress_forces: true")
-    return model
-
-
-def element_references(config: Config) -> ElementReferences | None:
-    """The references of ``task.element_references`` when it names a file (not None or fit)."""
-    setting = config.task.element_references
-    if setting is None or setting == "fit":
-        return None
-    return ElementReferences.from_file(setting)
-
-
-def config_transform(config: Config) -> TargetTransform:
-    """The normalisers written in the config (``dataset.train``), without fitting anything."""
-    field = energy_field(config)
-    if config.task.element_references == "fit":
-        raise ConfigError(
-            "task.element_references: fit needs the training set; give a file of references"
-        )
-    references = element_references(config)
-    entry = config.dataset.train
-    if entry is None or not entry.normalize_labels:
-        return TargetTransform(None, None, references, field)
-    if entry.target_mean is None or entry.target_std is None:
-        raise ConfigError(
-            "dataset.train.target_mean/target_std are missing and nothing holds the normalisers; "
-            "give them in the config (catforge data info prints them) or train a model first"
-        )
-    target = Normalizer(entry.target_mean, entry.target_std)
-    grad = None
-    if entry.grad_target_std is not None:
-        grad = Normalizer(entry.grad_target_mean or 0.0, entry.grad_target_std)
-    return TargetTransform(target, grad, references, field)
-
-
-def load_model(config: Config, checkpoint: dict[str, Any], source: str | Path) -> ForceModel:
-    """The model of ``config`` with the checkpoint's weights; CheckpointError on a mismatch."""
-    model = build_model(config)
-    load_weights(model, checkpoint["state_dict"], source, strict=config.task.strict_load)
-    return model
-
-
-def load_transform(config: Config, checkpoint: dict[str, Any]) -> TargetTransform:
-    """The checkpoint's normalisers, or the config's when it has none (OCP weights-only files)."""
-    if "normalizers" not in checkpoint:
-        return config_transform(config)
-    transform = TargetTransform(field=energy_field(config))
-    transform.load_state_dict(checkpoint["normalizers"])
-    return transform
-
+from catforge.targets import TargetTransform
 
 TASK_OF_TRAINER = {
     "energy": "IS2RE (relaxed energies, trainer: energy)",
@@ -118,18 +44,6 @@ def check_checkpoint_task(
     )
 
 
-def checkpoint_config(checkpoint: dict[str, Any], source: str | Path) -> Config:
-    """The resolved config stored in a catforge checkpoint."""
-    raw = checkpoint.get("config")
-    if not isinstance(raw, dict) or "model" not in raw:
-        raise CheckpointError(
-            f"{source}: the checkpoint stores no model config (an OCP checkpoint?); give the "
-            "config of its model: --config-yml on the command line, or "
-            "Potential.from_checkpoint(path, config=load_config(YAML)) in Python"
-        )
-    return parse_config(raw, f"{source} (stored config)")
-
-
 class Potential:
     """Denormalised energies (n_graphs,) eV and forces (n_atoms, 3) eV/A of a trained model.
 
@@ -145,26 +59,6 @@ class Potential:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.transform = transform
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | Path,
-        *,
-        config: Config | None = None,
-        device: torch.device | str = "cpu",
-        purpose: str | None = None,
-    ) -> Potential:
-        """Weights and normalisers of ``path``; the model config is the checkpoint's own unless
-        ``config`` is given. With ``purpose`` (what the model is for, for the message), a
-        checkpoint trained for another task than ``config.trainer`` is refused
-        (:func:`check_checkpoint_task`)."""
-        checkpoint = load_checkpoint(path)
-        config = config or checkpoint_config(checkpoint, path)
-        if purpose is not None:
-            check_checkpoint_task(checkpoint, path, config.trainer, purpose)
-        model = load_model(config, checkpoint, path)
-        return cls(model, load_transform(config, checkpoint), device)
 
     @property
     def dtype(self) -> torch.dtype:

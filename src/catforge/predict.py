@@ -31,15 +31,12 @@ import numpy as np
 import torch
 
 from catforge.atomic import write_json, write_npz
-from catforge.config import Config
 from catforge.data.graph import AtomicGraph
 from catforge.data.samplers import shard_start
 from catforge.distributed import gather_objects, get_rank, get_world_size
 from catforge.errors import ConfigError, DataError
-from catforge.potential import Potential, pick_device, with_forces
+from catforge.potential import Potential
 from catforge.progress import progress
-from catforge.runs import RunPaths
-from catforge.training.build import build_dataset, build_eval_loader
 
 Task = Literal["is2re", "s2ef"]
 Dtype = Literal["float32", "float16"]
@@ -218,26 +215,25 @@ def _json_records(arrays: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return records
 
 
-def run_predict(config: Config) -> list[Path]:
-    """``--mode predict --checkpoint CKPT``: predict the test set, write and print the files."""
-    options = config.options
-    if options.checkpoint is None:
-        raise ConfigError("--mode predict needs --checkpoint CKPT")
-    task: Task = "is2re" if config.trainer == "energy" else "s2ef"
-    device = pick_device(options.cpu)
-    potential = Potential.from_checkpoint(
-        options.checkpoint, config=config, device=device, purpose=f"{task.upper()} predictions"
-    )
-    test_set = build_dataset(config, config.dataset.split("test"), "test")
-    loader = build_eval_loader(config, test_set)
-    start = shard_start(len(test_set), get_rank(), get_world_size())  # type: ignore[arg-type]
-    shard = predict(potential, loader, with_forces=with_forces(config), start=start)
+def predict_to_files(
+    potential: Potential,
+    loader: Iterable[AtomicGraph],
+    *,
+    size: int,
+    task: Task,
+    results_dir: Path,
+    dtype: Literal["float32", "float16"] = "float32",
+) -> list[Path]:
+    """Predict every batch of ``loader`` (this rank's shard of ``size`` structures), gather on
+    rank 0, write and print the files there (``task`` s2ef: energies and forces; is2re:
+    energies)."""
+    start = shard_start(size, get_rank(), get_world_size())
+    shard = predict(potential, loader, with_forces=task == "s2ef", start=start)
     gathered = gather_objects(shard)
-    results_dir = RunPaths.for_config(config).results_dir  # on every rank: they agree on the id
     if gathered is None:  # not rank 0: rank 0 writes every rank's predictions
         return []
     predictions = Predictions.concatenate(gathered)
-    paths = write_predictions(predictions, results_dir, task, config.task.prediction_dtype)
+    paths = write_predictions(predictions, results_dir, task, dtype)
     print(f"predictions of {len(predictions)} systems:")
     for path in paths:
         print(f"  {path}")

@@ -48,6 +48,15 @@ def _check_schedule(optim: OptimConfig, where: str) -> None:
         raise ConfigError(f"{where}: optim.lr_milestones must be positive and ascending")
     if optim.warmup < 0:
         raise ConfigError(f"{where}: the warmup length must be >= 0, got {optim.warmup}")
+    if optim.schedule_unit == "steps":
+        named = [("optim.warmup_steps", optim.warmup)]
+        named += [("optim.lr_milestones", value) for value in milestones]
+        for name, value in named:
+            if not math.isfinite(value) or value != int(value):
+                raise ConfigError(
+                    f"{where}: {name} {value!r} is in steps (schedule_unit: steps) and must be a "
+                    "whole number; set schedule_unit: epochs or fraction for fractional values"
+                )
     if optim.schedule_unit == "fraction" and (max(milestones, default=0) > 1 or optim.warmup > 1):
         raise ConfigError(
             f"{where}: with schedule_unit: fraction, optim.lr_milestones and the warmup are "

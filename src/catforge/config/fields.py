@@ -9,7 +9,6 @@ paths, tuples and mapping proxies become YAML-able dicts, strings and lists.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import re
 import types
@@ -19,21 +18,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from catforge.errors import ConfigError
+from catforge.registry import suggest
 
 T = TypeVar("T")
 
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 """Numbers that YAML 1.1 (PyYAML) leaves as strings, such as ``1e-3``."""
-
-
-def suggest(name: str, valid: Iterable[str]) -> str | None:
-    """The closest of ``valid`` to ``name``: equal ignoring case, else difflib's best, or None."""
-    valid = list(valid)
-    for candidate in valid:
-        if candidate.lower() == name.lower():
-            return candidate
-    close = difflib.get_close_matches(name, valid, n=1, cutoff=0.6)
-    return close[0] if close else None
 
 
 def join_path(prefix: str, key: object) -> str:

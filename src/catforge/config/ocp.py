@@ -32,7 +32,7 @@ from typing import Any
 
 from catforge.errors import ConfigError
 
-from .fields import suggest, type_error, unknown_key_error
+from .fields import type_error, unknown_key_error
 
 log = logging.getLogger(__name__)
 
@@ -254,28 +254,9 @@ def normalize_logger(raw: Mapping[str, Any], source: str = "") -> dict[str, Any]
                 f"{_where(source)}both logger.project and logger_project are given; keep one"
             )
         out["project"] = raw["logger_project"]
-    if out.get("name") == "wandb":
-        import importlib.util
-
-        if importlib.util.find_spec("wandb") is None:
-            raise ConfigError(
-                f"{_where(source)}logger 'wandb' needs the wandb package (pip install wandb), "
-                "or use logger: tensorboard"
-            )
     return out
 
 
 def normalize_mode(value: object) -> object:
     """``run_relaxations`` (the tutorial's spelling) -> ``run-relaxations``."""
     return "run-relaxations" if value == "run_relaxations" else value
-
-
-def suggest_metric(name: str, valid: Iterable[str], source: str = "") -> ConfigError:
-    """The error for an unknown ``task.primary_metric``."""
-    valid = sorted(valid)
-    close = suggest(name, valid)
-    hint = f" Did you mean '{close}'?" if close else ""
-    return ConfigError(
-        f"{_where(source)}unknown task.primary_metric '{name}'.{hint} Valid names: "
-        f"{', '.join(valid)}"
-    )

@@ -23,13 +23,19 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from catforge.errors import ConfigError
+from catforge.registry import (
+    DATASETS,
+    FORCE_ONLY_LOSSES,
+    LOGGERS,
+    LOSSES,
+    TASK_METRICS,
+    unknown_name,
+)
 
-from . import build, ocp
+from . import ocp, parameters
 from .checks import check_mode_requirements, check_optim, check_tag_weights, check_task
 from .fields import coerce, field_paths, parse_section, to_plain, unknown_key_error
 
-LossName = Literal["mae", "l1", "mse", "l2mae"]
-ForceLossName = Literal["mae", "l1", "mse", "l2mae", "atomwisel2"]
 Mode = Literal["train", "predict", "validate", "run-relaxations"]
 
 
@@ -174,8 +180,8 @@ class OptimConfig:
     checkpoint_every: int | None = None
     energy_coefficient: float = 1.0
     force_coefficient: float = 30.0
-    loss_energy: LossName = "mae"
-    loss_force: ForceLossName = "mae"
+    loss_energy: str = "mae"
+    loss_force: str = "mae"
     clip_grad_norm: float | None = None
     ema_decay: float | None = None
     load_balancing: Literal["atoms", "neighbors"] | None = None
@@ -196,7 +202,7 @@ class OptimConfig:
 class LoggerConfig:
     """``logger:`` (a name, or ``{name, project}``); ``project`` is OCP's ``logger_project``."""
 
-    name: Literal["tensorboard", "wandb"] = "tensorboard"
+    name: str = "tensorboard"
     project: str | None = None
 
 
@@ -328,7 +334,7 @@ def parse_config(
         task=_parse_task(raw.get("task"), raw["trainer"], where),
         optim=_parse_optim(raw.get("optim"), where),
         dataset=parse_section(DatasetSplits, ocp.dataset_splits(raw, where), "dataset", where),
-        logger=parse_section(LoggerConfig, ocp.normalize_logger(raw, where), "logger", where),
+        logger=_parse_logger(raw, where),
         slurm=SlurmConfig(params=_parse_slurm(raw.get("slurm"), where)),
         options=options or _parse_options(raw.get("options"), where),
     )
@@ -361,8 +367,15 @@ def _parse_model(raw: object, regress_forces: bool, where: str) -> ModelConfig:
     attributes = {key: value for key, value in raw.items() if key != "name"}
     name = raw["name"]
     with _in_file(where):
-        parsed = build.parse_model_attributes(name, attributes, regress_forces, where)
+        parsed = parameters.parse_model_attributes(name, attributes, regress_forces, where)
     return ModelConfig(name, parsed)
+
+
+def _parse_logger(raw: Mapping[str, Any], where: str) -> LoggerConfig:
+    logger = parse_section(LoggerConfig, ocp.normalize_logger(raw, where), "logger", where)
+    with _in_file(where):
+        LOGGERS.lookup(logger.name).check_installed()
+    return logger
 
 
 def _parse_slurm(raw: object, where: str) -> Mapping[str, Any]:
@@ -380,34 +393,38 @@ def _parse_options(raw: object, where: str) -> RunOptions:
 
 
 def _parse_task(raw: object, trainer: object, where: str) -> TaskConfig:
-    from catforge.metrics import TASK_METRICS
-    from catforge.registry import dataset_factories, lookup
-
     if isinstance(raw, Mapping) and "num_relaxations" in raw:  # V3's name
         raw = {key: value for key, value in raw.items() if key != "num_relaxations"} | {
             "num_relaxation_batches": raw["num_relaxations"]
         }
     task = parse_section(TaskConfig, raw, "task", where)
     with _in_file(where):
-        lookup(dataset_factories(), task.dataset, "dataset (task.dataset)")
+        DATASETS.lookup(task.dataset)
         check_task(task, raw if isinstance(raw, Mapping) else {})
     if task.primary_metric is not None:
         tasks = ("is2re",) if trainer == "energy" else ("s2ef", "is2re", "is2rs")
         valid = {"loss", *(name for t in tasks for name in TASK_METRICS[t])}
         if task.primary_metric not in valid:
-            raise ocp.suggest_metric(task.primary_metric, valid, where)
+            raise ConfigError(
+                f"{where}: {unknown_name(task.primary_metric, valid, 'task.primary_metric')}"
+            )
     return task
 
 
 def _parse_optim(raw: object, where: str) -> OptimConfig:
     names = [f.name for f in dataclasses.fields(OptimConfig)]
     with _in_file(where):
-        optim_raw = ocp.normalize_optim(raw, names, build.scheduler_parameters, where)
+        optim_raw = ocp.normalize_optim(raw, names, parameters.scheduler_parameters, where)
     if optim_raw.get("eval_batch_size") is None:
         optim_raw.pop("eval_batch_size", None)
     optim = parse_section(OptimConfig, optim_raw, "optim", where)
     with _in_file(where):
-        accepted = build.optimizer_parameters(optim.optimizer)
+        accepted = parameters.optimizer_parameters(optim.optimizer)
+        if optim.loss_force not in LOSSES:
+            raise unknown_name(optim.loss_force, LOSSES, "force loss (optim.loss_force)")
+        if optim.loss_energy in FORCE_ONLY_LOSSES or optim.loss_energy not in LOSSES:
+            energy_losses = {n: e for n, e in LOSSES.items() if n not in FORCE_ONLY_LOSSES}
+            raise unknown_name(optim.loss_energy, energy_losses, "energy loss (optim.loss_energy)")
     for key in optim.optimizer_params:
         if key not in accepted:
             raise unknown_key_error(key, "optim.optimizer_params", accepted, where)

@@ -23,13 +23,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor, nn
 from torch.nn import Embedding, Linear, ModuleList, Sequential
 
 from catforge.data.graph import AtomicGraph
+from catforge.data.graph_spec import GraphSpec
 from catforge.errors import ConfigError
-from catforge.models.forces import ForceModel
 from catforge.models.layers import (
     GaussianSmearing,
     ShiftedSoftplus,
@@ -39,6 +38,7 @@ from catforge.models.layers import (
     scatter_sum,
     symmetric_pairs,
 )
+from catforge.numerics import initialise_vector_math
 
 READOUTS = ("add", "sum", "mean")
 
@@ -122,10 +122,11 @@ class SchNet(nn.Module):
     """SchNet energy model, ``forward(graph) -> energy (n_graphs,)`` in the units of its targets.
 
     Arguments as OCP's model block (``num_atoms``, ``bond_feat_dim`` and ``num_targets`` are
-    accepted and ignored, as in OCP; ``regress_forces`` belongs to :func:`build_schnet`).
-    ``cutoff`` in A. With ``use_pbc`` the graph's ``cell_offsets`` are used; without it the graph is
-    rebuilt non-periodic every forward (as OCP's ``radius_graph`` path). With ``otf_graph`` (or
-    when the graph has no edges) edges come from ``radius_graph_pbc(graph, cutoff, max_neighbors)``.
+    accepted and ignored, as in OCP; ``regress_forces`` belongs to the force wrapper).
+    ``cutoff`` in A. ``cutoff``, ``max_neighbors``, ``use_pbc`` and ``otf_graph`` make its
+    :attr:`graph_spec`: with ``use_pbc`` the graph's ``cell_offsets`` are used, without it the
+    graph step builds a non-periodic graph every forward (as OCP's ``radius_graph`` path); with
+    ``otf_graph`` (or when the graph has no edges) it builds the edges on every forward.
     """
 
     ignored_checkpoint_keys: ClassVar[tuple[str, ...]] = ("atomic_mass",)
@@ -151,10 +152,17 @@ class SchNet(nn.Module):
     ) -> None:
         super().__init__()
         check_schnet_block(
-            {"hidden_channels": hidden_channels, "num_filters": num_filters,
-             "num_interactions": num_interactions, "num_gaussians": num_gaussians,
-             "cutoff": cutoff, "max_neighbors": max_neighbors, "readout": readout}
-        )  # fmt: skip
+            {
+                "hidden_channels": hidden_channels,
+                "num_filters": num_filters,
+                "num_interactions": num_interactions,
+                "num_gaussians": num_gaussians,
+                "cutoff": cutoff,
+                "max_neighbors": max_neighbors,
+                "readout": readout,
+            }
+        )
+        initialise_vector_math()  # before the first parallel sqrt/exp (catforge.numerics)
         self.use_pbc = use_pbc
         self.otf_graph = otf_graph
         self.hidden_channels = hidden_channels
@@ -187,9 +195,13 @@ class SchNet(nn.Module):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    @property
+    def graph_spec(self) -> GraphSpec:
+        """The graph this model reads (see :mod:`catforge.data.edges`)."""
+        return GraphSpec(self.cutoff, self.max_neighbors, self.use_pbc, self.otf_graph)
+
     def forward(self, graph: AtomicGraph) -> Tensor:
-        """Energy per structure (n_graphs,) of a (batched) graph."""
-        graph = self.with_edges(graph)
+        """Energy per structure (n_graphs,) of a (batched) graph with edges."""
         edges = self.edge_basis(graph)
         h = self.embedding(graph.atomic_numbers)
         for block in self.interactions:
@@ -200,22 +212,13 @@ class SchNet(nn.Module):
             energy = energy / graph.natoms.to(energy.dtype)
         return energy
 
-    def with_edges(self, graph: AtomicGraph) -> AtomicGraph:
-        """The graph with the edges this model uses (built here when needed)."""
-        if self.use_pbc and not self.otf_graph and graph.edge_index is not None:
-            return graph
-        from catforge.data.neighbors import radius_graph_pbc
-
-        if not self.use_pbc:
-            graph = graph.replace(
-                pbc=torch.zeros_like(graph.pbc), edge_index=None, cell_offsets=None, neighbors=None
-            )
-        return radius_graph_pbc(graph, self.cutoff, self.max_neighbors)
-
     def edge_basis(self, graph: AtomicGraph) -> EdgeBasis:
         """Distances, Gaussian basis and envelope, computed once per pair of reverse edges."""
         if graph.edge_index is None:
-            raise ValueError("SchNet.edge_basis needs a graph with edges (see with_edges)")
+            raise ValueError(
+                "SchNet needs a graph with edges; provide them with "
+                "catforge.data.edges.provide_edges(graph, model.graph_spec)"
+            )
         edge_index = graph.edge_index
         offsets = graph.cell_offsets if self.use_pbc else None
         pairs = (
@@ -263,11 +266,3 @@ def check_schnet_block(block: Mapping[str, Any]) -> None:
     readout = block.get("readout")
     if readout is not None and readout not in READOUTS:
         raise ConfigError(f"model.readout must be one of {', '.join(READOUTS)}, got {readout!r}")
-
-
-def build_schnet(*, regress_forces: bool = True, **model_block: object) -> ForceModel:
-    """SchNet from an OCP ``model:`` block (without ``name``) wrapped in a ForceModel.
-
-    ``regress_forces`` defaults to True as in OCP's code; all other keys go to :class:`SchNet`.
-    """
-    return ForceModel(SchNet(**model_block), regress_forces=regress_forces)  # type: ignore[arg-type]

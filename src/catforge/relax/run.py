@@ -20,13 +20,13 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from catforge.atomic import write_json
-from catforge.config import Config
 from catforge.data.graph import AtomicGraph
 from catforge.data.samplers import shard_start
 from catforge.distributed import (
@@ -40,12 +40,10 @@ from catforge.errors import ConfigError, DataError
 from catforge.loggers import RunLogger
 from catforge.metrics import format_metrics_table
 from catforge.models.forces import ModelOutput
-from catforge.potential import Potential, pick_device
+from catforge.potential import Potential
 from catforge.preemption import Preempted, StopRequest, signal_name, stop_requests
 from catforge.progress import Heartbeat, progress, progress_enabled
-from catforge.registry import open_dataset
 from catforge.relax.driver import RelaxResult, RelaxSettings, relax, without_edges
-from catforge.relax.lbfgs import LBFGSSettings
 from catforge.relax.results import (
     convergence_summary,
     relaxation_metrics,
@@ -53,40 +51,37 @@ from catforge.relax.results import (
     write_relaxation_files,
 )
 from catforge.relax.trajectory import TrajectoryWriter
-from catforge.runs import RunPaths
 
 log = logging.getLogger(__name__)
 
 
-def relax_settings(config: Config) -> RelaxSettings:
-    """The driver settings of ``task`` (steps, fmax, relax_opt) and ``optim.eval_batch_size``."""
-    task, opt = config.task, config.task.relax_opt
-    try:
-        return RelaxSettings(
-            steps=task.relaxation_steps,
-            fmax=task.relaxation_fmax,
-            batch_size=config.optim.eval_batch_size,
-            lbfgs=LBFGSSettings(opt.maxstep, opt.memory, opt.damping, opt.alpha),
-        )
-    except ValueError as error:
-        raise ConfigError(f"task.relax_opt / task.relaxation_*: {error}") from error
+@dataclass(frozen=True)
+class RelaxJob:
+    """One ``run-relaxations`` run: the ``checkpoint`` file (its bytes tag the trajectories),
+    the driver ``settings``, where trajectories go (``traj_dir``: None for none; all frames with
+    ``save_full_traj``, else the last), and where results go (``results_dir``/``logs_dir``: None
+    under ``--debug``, which writes nothing); ``write_pos`` adds ``relaxed_pos_<rank>.json``."""
+
+    checkpoint: Path
+    settings: RelaxSettings
+    traj_dir: Path | None = None
+    save_full_traj: bool = True
+    write_pos: bool = False
+    results_dir: Path | None = None
+    logs_dir: Path | None = None
 
 
-def run_relaxations(config: Config) -> dict[str, float]:
-    """Relax, write the results and, when the set has labels, the metrics; return them."""
-    options, task = config.options, config.task
-    if options.checkpoint is None:
-        raise ConfigError("--mode run-relaxations needs --checkpoint CKPT (a forces model)")
-    if task.relax_dataset is None:
-        raise ConfigError("run-relaxations needs task.relax_dataset: {src: ...}")
-    settings = relax_settings(config)
-    potential = _load_potential(config, options.checkpoint)
-    dataset, count = _relax_set(config, settings.batch_size)
+def run_relaxations(
+    job: RelaxJob, potential: Potential, dataset: Dataset[AtomicGraph], count: int
+) -> dict[str, float]:
+    """Relax the first ``count`` structures of ``dataset``, write the results and, when the set
+    has labels, the metrics; return them."""
+    settings = job.settings
     # Under DDP each rank relaxes a contiguous shard; rank 0 gathers and writes everything.
     rank, world_size = get_rank(), get_world_size()
     shard = range(shard_start(count, rank, world_size), shard_start(count, rank + 1, world_size))
     with stop_requests() as stop:  # a signal from here on stops at the first or next step
-        writer = _trajectory_writer(config, settings)
+        writer = _trajectory_writer(job)
         try:
             results, stopped = _relax_all(potential, stop, dataset, shard, settings, writer)
         finally:
@@ -95,26 +90,23 @@ def run_relaxations(config: Config) -> dict[str, float]:
         totals = all_reduce_sum(torch.tensor([len(results), int(stopped)], dtype=torch.int64))
         finished, stops = totals.tolist()
         if stops:
-            raise _preempted(stop.signal_number, finished, count, task.relax_opt.traj_dir)
+            raise _preempted(stop.signal_number, finished, count, job.traj_dir)
     gathered = gather_objects(results)
-    paths = RunPaths.for_config(config)  # on every rank: they agree on the run id
     if gathered is None:
         return {}
-    return _report(config, paths, [result for part in gathered for result in part])
+    return _report(job, [result for part in gathered for result in part])
 
 
-def _trajectory_writer(config: Config, settings: RelaxSettings) -> TrajectoryWriter | None:
-    """The writer of ``task.relax_opt.traj_dir`` with the folder checked and cleared of the
-    unfinished files of a killed run; None without a ``traj_dir``."""
-    task, checkpoint = config.task, config.options.checkpoint
-    if task.relax_opt.traj_dir is None:
+def _trajectory_writer(job: RelaxJob) -> TrajectoryWriter | None:
+    """The writer of ``job.traj_dir`` with the folder checked and cleared of the unfinished
+    files of a killed run; None without a ``traj_dir``."""
+    if job.traj_dir is None:
         return None
-    assert checkpoint is not None
     writer = TrajectoryWriter(
-        task.relax_opt.traj_dir,
-        full=task.save_full_traj,
-        relax_tag=relax_tag(Path(checkpoint), settings),
-        checkpoint=str(checkpoint),
+        job.traj_dir,
+        full=job.save_full_traj,
+        relax_tag=relax_tag(job.checkpoint, job.settings),
+        checkpoint=str(job.checkpoint),
     )
     writer.scan()
     problem: ConfigError | None = None
@@ -129,32 +121,6 @@ def _trajectory_writer(config: Config, settings: RelaxSettings) -> TrajectoryWri
     if problem is not None:
         raise problem
     return writer
-
-
-def _load_potential(config: Config, checkpoint: Path) -> Potential:
-    """The forces model of ``checkpoint`` (the file is read once); refuses energy-only models."""
-    device = pick_device(config.options.cpu)
-    potential = Potential.from_checkpoint(
-        checkpoint, config=config, device=device, purpose="relaxations"
-    )
-    if not potential.regress_forces:
-        raise ConfigError(f"{checkpoint}: its model predicts no forces; relaxations need them")
-    return potential
-
-
-def _relax_set(config: Config, batch_size: int) -> tuple[Dataset[AtomicGraph], int]:
-    """``task.relax_dataset`` and how many of its structures to relax; errors name the key."""
-    task = config.task
-    assert task.relax_dataset is not None
-    dataset = open_dataset(task.dataset, task.relax_dataset, "task.relax_dataset.src")
-    count = len(dataset)  # type: ignore[arg-type]
-    if task.num_relaxation_batches is not None:
-        if task.num_relaxation_batches < 1:
-            raise ConfigError(
-                f"task.num_relaxation_batches must be >= 1, got {task.num_relaxation_batches}"
-            )
-        count = min(count, task.num_relaxation_batches * batch_size)
-    return dataset, count
 
 
 def relax_tag(checkpoint: Path, settings: RelaxSettings) -> str:
@@ -202,11 +168,14 @@ class _Watched:
         if self.stop.requested:
             raise _Stopped
         if self._log and self._heartbeat.due():
+            rate = self._heartbeat.rate(self.done - self.resumed)
             log.info(
                 "relaxed %d of %d structures (%d converged), %.1f structures/s",
-                self.done, self.total, self.converged,
-                self._heartbeat.rate(self.done - self.resumed),
-            )  # fmt: skip
+                self.done,
+                self.total,
+                self.converged,
+                rate,
+            )
         return self.potential(graph)
 
 
@@ -287,17 +256,19 @@ def _preempted(
     )
 
 
-def _report(config: Config, paths: RunPaths, results: Sequence[RelaxResult]) -> dict[str, float]:
-    files = write_relaxation_files(results, paths.results_dir, write_pos=config.task.write_pos)
+def _report(job: RelaxJob, results: Sequence[RelaxResult]) -> dict[str, float]:
     totals = relaxation_metrics(results)
     metrics = {} if totals is None else totals.compute()
     metrics |= convergence_summary(results)
     print(f"relaxed {len(results)} systems")
     print(format_metrics_table(metrics))
+    if job.results_dir is None:  # --debug: nothing is written
+        return metrics
+    files = write_relaxation_files(results, job.results_dir, write_pos=job.write_pos)
     if totals is not None:
-        files.append(write_json(paths.results_dir / "metrics_relax.json", metrics, indent=2))
-    if not config.options.debug:
-        with RunLogger(paths.logs_dir, paths.results_dir / "metrics.jsonl") as logger:
+        files.append(write_json(job.results_dir / "metrics_relax.json", metrics, indent=2))
+    if job.logs_dir is not None:
+        with RunLogger(job.logs_dir, job.results_dir / "metrics.jsonl") as logger:
             logger.log(metrics, step=0, split="relax", epoch=0.0)
     for path in files:
         print(f"  {path}")

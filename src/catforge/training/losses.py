@@ -1,4 +1,5 @@
-"""Losses by name (``mae``/``l1``, ``mse``, ``l2mae``) as (sum, count) pairs; the S2EF/IS2RE loss.
+"""Losses by name (``mae``/``l1``, ``mse``, ``l2mae``) as (sum, count) pairs; the weighted
+energy + force loss of S2EF and IS2RE.
 
 Normalisation (documented once, here):
 
@@ -41,17 +42,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from catforge.registry import lookup
+from catforge.registry import FORCE_ONLY_LOSSES, LOSSES
 
 __all__ = [
-    "LOSSES",
     "LossResult",
     "LossTerm",
+    "abs_error",
     "atomwise_l2_term",
+    "energy_force_loss",
     "energy_loss",
     "loss_names",
     "loss_term",
-    "s2ef_loss",
+    "row_l2_error",
+    "squared_error",
     "tag_weighted_term",
 ]
 
@@ -76,32 +79,24 @@ class LossTerm:
         return self.sum * world_size / safe
 
 
-def _abs_error(diff: Tensor) -> tuple[Tensor, int]:
+def abs_error(diff: Tensor) -> tuple[Tensor, int]:
     return diff.abs().sum(), diff.numel()
 
 
-def _squared_error(diff: Tensor) -> tuple[Tensor, int]:
+def squared_error(diff: Tensor) -> tuple[Tensor, int]:
     return diff.square().sum(), diff.numel()
 
 
-def _row_l2_error(diff: Tensor) -> tuple[Tensor, int]:
+def row_l2_error(diff: Tensor) -> tuple[Tensor, int]:
     if diff.dim() <= 1:
         return diff.abs().sum(), diff.numel()
     rows = diff.reshape(diff.shape[0], -1)
     return torch.linalg.vector_norm(rows, dim=1).sum(), rows.shape[0]
 
 
-LOSSES: dict[str, Callable[[Tensor], tuple[Tensor, int]]] = {
-    "mae": _abs_error,
-    "l1": _abs_error,
-    "mse": _squared_error,
-    "l2mae": _row_l2_error,
-}
-
-
 def loss_names() -> tuple[str, ...]:
-    """The valid loss names (OCP's ``loss_energy``/``loss_force`` values)."""
-    return tuple(sorted(LOSSES))
+    """The loss names of energies and forces alike (``atomwisel2`` is for forces only)."""
+    return tuple(sorted(name for name in LOSSES if name not in FORCE_ONLY_LOSSES))
 
 
 def loss_term(name: str, pred: Tensor, target: Tensor, mask: Tensor | None = None) -> LossTerm:
@@ -110,7 +105,9 @@ def loss_term(name: str, pred: Tensor, target: Tensor, mask: Tensor | None = Non
     ``mask`` (n_rows,) bool keeps only the selected rows (e.g. free atoms). An unknown ``name``
     raises ConfigError with the closest valid name.
     """
-    reduce = lookup(LOSSES, name, "loss")
+    if name in FORCE_ONLY_LOSSES:
+        raise ValueError(f"loss '{name}' needs the atoms per structure: use atomwise_l2_term")
+    reduce: Callable[[Tensor], tuple[Tensor, int]] = LOSSES.load(name)
     if pred.shape != target.shape:
         raise ValueError(
             f"loss '{name}': prediction {tuple(pred.shape)} vs target {tuple(target.shape)}"
@@ -178,7 +175,7 @@ class LossResult:
     terms: dict[str, LossTerm] = field(default_factory=dict)
 
 
-def s2ef_loss(
+def energy_force_loss(
     energy_pred: Tensor,
     energy_target: Tensor,
     forces_pred: Tensor | None = None,
@@ -252,7 +249,7 @@ def energy_loss(
     world_size: int = 1,
 ) -> LossResult:
     """IS2RE loss: ``energy_coefficient * loss(energy_pred, energy_target)``, both (n_graphs,)."""
-    return s2ef_loss(
+    return energy_force_loss(
         energy_pred,
         energy_target,
         loss_energy=loss_energy,
