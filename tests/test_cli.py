@@ -98,3 +98,34 @@ def test_resuming_a_finished_run_says_so(
     assert cli.main(resume) == 0
     assert any("nothing to train" in record.getMessage() for record in caplog.records)
     assert checkpoint.read_bytes() == before
+
+
+def test_debug_writes_nothing_in_every_mode(demo: Path, tmp_path: Path) -> None:
+    """``--debug`` has one meaning: no folders, logs, checkpoints or result files, in every
+    mode (train, validate, predict, run-relaxations)."""
+    from catforge import cli
+    from tests.factories import SMALL_MODEL, data_overrides
+
+    trained = tmp_path / "trained"
+    assert cli.main(_train_argv(demo, trained, "--optim.max_steps=2", "--timestamp-id=t")) == 0
+    checkpoint = trained / "checkpoints" / "t" / "checkpoint.pt"
+    s2ef = [str(ROOT / "configs" / "demo" / "s2ef_schnet.yml"), *data_overrides(demo, "s2ef")]
+    relax = [
+        str(ROOT / "configs" / "demo" / "is2rs_schnet.yml"),
+        f"--task.relax_dataset.src={demo / 'is2re' / 'val' / 'data.lmdb'}",
+        "--task.num_relaxation_batches=1",
+        "--optim.eval_batch_size=2",
+        f"--task.relax_opt.traj_dir={tmp_path / 'debug' / 'trajectories'}",
+    ]
+    debug = tmp_path / "debug"
+    debug.mkdir()
+    common = ["--cpu", "--debug", "--run-dir", str(debug), *SMALL_MODEL]
+    modes = [("train", s2ef), ("validate", s2ef), ("predict", s2ef), ("run-relaxations", relax)]
+    for mode, config in modes:
+        argv = ["--mode", mode, "--config-yml", *config, *common]
+        if mode == "train":
+            argv.append("--optim.max_steps=1")
+        else:
+            argv.append(f"--checkpoint={checkpoint}")
+        assert cli.main(argv) == 0, mode
+        assert list(debug.iterdir()) == [], f"--mode {mode} --debug wrote {list(debug.rglob('*'))}"

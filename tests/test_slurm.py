@@ -3,6 +3,7 @@ on submitit's local executor (no Slurm needed: sbatch is replaced by ``echo``)."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import signal
@@ -39,8 +40,21 @@ def options_of(argv: list[str]) -> RunOptions:
     return RunOptions.from_namespace(args)
 
 
-def parsed(spec: JobSpec) -> Any:
-    return cli.build_ocp_parser().parse_known_args(list(spec.argv))[0]
+def spec_of(argv: list[str]) -> JobSpec:
+    """The job spec of a ``main.py`` command line, as the command line builds it."""
+    args, extra = cli.build_ocp_parser().parse_known_args(argv)
+    return JobSpec(args.config_yml, RunOptions.from_namespace(args), tuple(extra))
+
+
+def plan(argv: list[str], now: datetime | None = NOW) -> list[JobSpec]:
+    spec = spec_of(argv)
+    return slurm.plan_jobs(spec.config_yml, spec.overrides, spec.options, now=now)
+
+
+def submitted_spec(job: submitit.Job[Any]) -> JobSpec:
+    spec = pickle.loads(job.paths.submitted_pickle.read_bytes()).args[0]
+    assert isinstance(spec, JobSpec)
+    return spec
 
 
 # --- sweep files ---------------------------------------------------------------------------
@@ -102,26 +116,26 @@ def test_bad_sweep_files_name_the_file_and_the_format(
 def test_one_job_drops_submit_and_fixes_the_timestamp(tmp_path: Path) -> None:
     argv = ["--mode", "train", "--config-yml", "c.yml", "--sub", "--identifier", "exp",
             "--optim.batch_size=4", "--num-gpus=2"]  # fmt: skip
-    (spec,) = slurm.plan_jobs(argv, options_of(argv), now=NOW)
-    args = parsed(spec)
-    assert not args.submit and args.identifier == "exp" and args.num_gpus == 2
-    assert args.timestamp_id == "2024-05-06-07-08-09-exp"
-    assert "--optim.batch_size=4" in spec.argv and "--sub" not in spec.argv
+    (spec,) = plan(argv)
+    options = spec.options
+    assert not options.submit and options.identifier == "exp" and options.num_gpus == 2
+    assert options.timestamp_id == "2024-05-06-07-08-09-exp"
+    assert spec.overrides == ("--optim.batch_size=4",) and spec.config_yml == Path("c.yml")
     given = [*argv, "--timestamp-id", "mine"]
-    assert parsed(slurm.plan_jobs(given, options_of(given))[0]).timestamp_id == "mine"
+    assert plan(given, None)[0].options.timestamp_id == "mine"
 
 
 def test_sweep_jobs_have_their_own_identifier_and_timestamp(tmp_path: Path) -> None:
     sweep = write(tmp_path / "s.yml", "optim.lr_initial: [0.1, 0.2, 0.3]\n")
     argv = ["--mode", "train", "--config-yml", "c.yml", "--submit", f"--sweep-yml={sweep}"]
-    specs = slurm.plan_jobs(argv, options_of(argv), now=NOW)
-    assert [parsed(s).identifier for s in specs] == ["run0", "run1", "run2"]
-    assert [parsed(s).timestamp_id for s in specs] == [
+    specs = plan(argv)
+    assert [s.options.identifier for s in specs] == ["run0", "run1", "run2"]
+    assert [s.options.timestamp_id for s in specs] == [
         f"2024-05-06-07-08-09-run{i}" for i in range(3)
     ]
-    assert [s.argv[-1] for s in specs] == ["--optim.lr_initial=0.1", "--optim.lr_initial=0.2",
-                                           "--optim.lr_initial=0.3"]  # fmt: skip
-    assert all(parsed(s).sweep_yml is None and not parsed(s).submit for s in specs)
+    lrs = ["--optim.lr_initial=0.1", "--optim.lr_initial=0.2", "--optim.lr_initial=0.3"]
+    assert [s.overrides[-1] for s in specs] == lrs
+    assert all(s.options.sweep_yml is None and not s.options.submit for s in specs)
 
 
 # --- submitit parameters and submission (sbatch replaced by echo) ----------------------------
@@ -174,7 +188,7 @@ def test_no_slurm_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_several_gpus_or_nodes_need_distributed(tmp_path: Path, flag: str) -> None:
     argv = ["--mode", "train", "--config-yml", str(CONFIG), "--submit", flag]
     with pytest.raises(ConfigError, match="--distributed"):
-        slurm.submit(argv, options_of(argv), {}, executor="local")
+        slurm.submit(spec_of(argv), {}, cli.run_job, executor="local")
 
 
 def test_sweep_submits_a_job_array(
@@ -185,7 +199,7 @@ def test_sweep_submits_a_job_array(
     )
     argv = ["--mode", "train", "--config-yml", str(CONFIG), "--submit", "--sweep-yml", str(sweep),
             "--run-dir", str(tmp_path), "--identifier", "grid"]  # fmt: skip
-    jobs = slurm.submit(argv, options_of(argv), {"qos": "low"})
+    jobs = slurm.submit(spec_of(argv), {"qos": "low"}, cli.run_job)
     assert [job.job_id for job in jobs] == [f"4242_{i}" for i in range(4)]
     folder = tmp_path / "logs" / "slurm"
     script = (folder / "4242" / "4242_submission.sh").read_text()  # one sbatch for the array
@@ -193,10 +207,11 @@ def test_sweep_submits_a_job_array(
     specs = []
     for job in jobs:
         delayed = pickle.loads(job.paths.submitted_pickle.read_bytes())
-        assert isinstance(delayed.function, CatforgeJob)
+        assert isinstance(delayed.function, CatforgeJob) and delayed.function.entry is cli.run_job
         specs.append(delayed.args[0])
-    assert len({parsed(s).timestamp_id for s in specs}) == 4
-    assert [parsed(s).identifier for s in specs] == [f"grid_run{i}" for i in range(4)]
+    assert len({s.options.timestamp_id for s in specs}) == 4
+    assert [s.options.identifier for s in specs] == [f"grid_run{i}" for i in range(4)]
+    assert {s.time_limit_s for s in specs} == {72 * 3600}
     assert capsys.readouterr().out.count("submitted job 4242_") == 4
 
 
@@ -213,10 +228,9 @@ def test_submissions_in_the_same_second_get_their_own_runs(
             str(tmp_path), "--identifier", "exp"]  # fmt: skip
     ids = []
     for _ in range(2):
-        (job,) = slurm.submit(argv, options_of(argv), {})
-        ids.append(parsed(pickle.loads(job.paths.submitted_pickle.read_bytes()).args[0]))
-    assert [args.timestamp_id for args in ids] == ["2024-05-06-07-08-09-exp",
-                                                   "2024-05-06-07-08-09-exp-2"]  # fmt: skip
+        (job,) = slurm.submit(spec_of(argv), {}, cli.run_job)
+        ids.append(submitted_spec(job).options.timestamp_id)
+    assert ids == ["2024-05-06-07-08-09-exp", "2024-05-06-07-08-09-exp-2"]
     assert (tmp_path / "checkpoints" / "2024-05-06-07-08-09-exp-2").is_dir()
 
 
@@ -225,101 +239,102 @@ def test_a_bad_sweep_key_fails_before_submitting(tmp_path: Path, fake_sbatch: No
     argv = ["--mode", "train", "--config-yml", str(CONFIG), "--submit", "--sweep-yml", str(sweep),
             "--run-dir", str(tmp_path)]  # fmt: skip
     with pytest.raises(ConfigError, match="lr_initial"):
-        slurm.submit(argv, options_of(argv), {})
+        slurm.submit(spec_of(argv), {}, cli.run_job)
     assert not (tmp_path / "logs").exists()
 
 
 # --- the job: resume, --distributed, exit statuses, requeue ---------------------------------
 
 
-def train_spec(run_dir: Path, *extra: str) -> JobSpec:
-    return JobSpec(("--mode", "train", "--config-yml", "c.yml", "--run-dir", str(run_dir),
-                    "--timestamp-id=run1", *extra))  # fmt: skip
+def train_spec(run_dir: Path, *extra: str, limit_s: float = 72 * 3600) -> JobSpec:
+    argv = ["--mode", "train", "--config-yml", "c.yml", "--run-dir", str(run_dir),
+            "--timestamp-id=run1", *extra]  # fmt: skip
+    return dataclasses.replace(spec_of(argv), time_limit_s=limit_s)
+
+
+class FakeEntry:
+    """The job's entry function replaced: records each spec and returns ``status``."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.calls: list[JobSpec] = []
+
+    def __call__(self, spec: JobSpec) -> int:
+        self.calls.append(spec)
+        return self.status
 
 
 def test_checkpoint_resumes_from_the_runs_checkpoint_when_it_exists(tmp_path: Path) -> None:
     spec = train_spec(tmp_path, "--checkpoint", "other.pt")
-    again = CatforgeJob().checkpoint(spec)
+    again = CatforgeJob(cli.run_job).checkpoint(spec)
     assert isinstance(again, submitit.helpers.DelayedSubmission)
     assert isinstance(again.function, CatforgeJob) and again.args == (spec,)
+    assert again.function.entry is cli.run_job
 
     saved = tmp_path / "checkpoints" / "run1" / "checkpoint.pt"
     saved.parent.mkdir(parents=True)
     saved.write_bytes(b"")
-    resumed = CatforgeJob().checkpoint(spec).args[0]
-    args = parsed(resumed)
-    assert args.checkpoint == saved and args.timestamp_id == "run1"
-    assert "other.pt" not in resumed.argv  # the user's --checkpoint is replaced
-    predict = JobSpec(("--mode", "predict", *train_spec(tmp_path).argv[2:]))
-    assert CatforgeJob().checkpoint(predict).args == (predict,)
+    resumed = CatforgeJob(cli.run_job).checkpoint(spec).args[0]
+    assert resumed.options.checkpoint == saved and resumed.options.timestamp_id == "run1"
+    predict = train_spec(tmp_path).with_options(mode="predict")
+    assert CatforgeJob(cli.run_job).checkpoint(predict).args == (predict,)
 
 
-class FakeMain:
-    """``cli.main`` replaced: records each argv and returns ``status``."""
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.calls: list[list[str]] = []
-
-    def __call__(self, argv: list[str]) -> int:
-        self.calls.append(argv)
-        return self.status
-
-
-@pytest.fixture
-def fake_main(monkeypatch: pytest.MonkeyPatch) -> FakeMain:
-    main = FakeMain()
-    monkeypatch.setattr(cli, "main", main)
-    return main
-
-
-def test_the_job_runs_main_and_reports_failures(
-    tmp_path: Path, fake_main: FakeMain, monkeypatch: pytest.MonkeyPatch
+def test_the_job_runs_its_entry_and_reports_failures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    entry = FakeEntry()
     spec = train_spec(tmp_path)
-    assert CatforgeJob()(spec) == 0 and fake_main.calls[-1] == list(spec.argv)
+    assert CatforgeJob(entry)(spec) == 0 and entry.calls[-1] == spec
     monkeypatch.setattr(slurm, "job_num_tasks", lambda: 4)
-    CatforgeJob()(spec)
-    assert fake_main.calls[-1] == [*spec.argv, "--distributed"]
-    fake_main.status = 2
+    CatforgeJob(entry)(spec)
+    assert entry.calls[-1] == spec.with_options(distributed=True)
+    entry.status = 2
     with pytest.raises(CatforgeError, match="status 2"):
-        CatforgeJob()(spec)
-    fake_main.status = RESUME_EXIT_CODE
-    assert CatforgeJob()(spec) == RESUME_EXIT_CODE  # outside submitit: nothing to requeue
+        CatforgeJob(entry)(spec)
+    entry.status = RESUME_EXIT_CODE
+    assert CatforgeJob(entry)(spec) == RESUME_EXIT_CODE  # outside submitit: nothing to requeue
+
+
+def test_the_job_entry_runs_a_spec_as_the_command_line_would(tmp_path: Path) -> None:
+    """``cli.run_job``: one-line errors with status 2, as ``main.py``."""
+    spec = spec_of(["--mode", "train", "--config-yml", str(tmp_path / "missing.yml")])
+    assert cli.run_job(spec) == 2
 
 
 class FakeHandler(SignalHandler):
-    """submitit's handler for a job of ``timeout_min`` that started ``elapsed_s`` ago; records
-    requeue requests instead of requeueing."""
+    """submitit's handler, recording requeue requests instead of requeueing."""
 
-    def __init__(self, elapsed_s: float, timeout_min: int) -> None:
-        self._delayed = submitit.helpers.DelayedSubmission(print)
-        self._delayed.set_timeout(timeout_min, 3)
-        self._start_time = time.time() - elapsed_s
+    def __init__(self) -> None:
         self.calls: list[int] = []
 
     def checkpoint_and_try_requeue(self, signum: int, frame: Any = None) -> None:
         self.calls.append(signum)
 
 
-@pytest.mark.parametrize(
-    ("elapsed_s", "requeued"),
-    [(72 * 3600 - 120, True), (60.0, False), (0.9 * 72 * 3600, False)],
-)
+@pytest.mark.parametrize(("limit_s", "requeued"), [(120.0, True), (72 * 3600.0, False)])
 def test_a_stopped_run_is_requeued_by_submitit_only_near_its_time_limit(
-    tmp_path: Path, fake_main: FakeMain, elapsed_s: float, requeued: bool
+    tmp_path: Path, limit_s: float, requeued: bool
 ) -> None:
     """Exit status 75 after the time-limit warning (USR2 90 s before the limit) is requeued; a
-    stop earlier in the job (preemption, scancel), even past submitit's 80 %, is not."""
-    handler = FakeHandler(elapsed_s, timeout_min=72 * 60)
-    fake_main.status = RESUME_EXIT_CODE
+    stop earlier in the job (preemption, scancel) is not."""
+    handler = FakeHandler()
+    entry = FakeEntry()
+    entry.status = RESUME_EXIT_CODE
     previous = signal.signal(signal.SIGUSR2, handler.checkpoint_and_try_requeue)
     try:
-        assert CatforgeJob()(train_spec(tmp_path)) == RESUME_EXIT_CODE
+        assert CatforgeJob(entry)(train_spec(tmp_path, limit_s=limit_s)) == RESUME_EXIT_CODE
     finally:
         signal.signal(signal.SIGUSR2, previous)
     assert handler.calls == ([signal.SIGUSR2] if requeued else [])
-    assert slurm.near_time_limit(handler) == requeued
+
+
+@pytest.mark.parametrize(
+    ("elapsed_s", "near"),
+    [(72 * 3600 - 120, True), (60.0, False), (0.9 * 72 * 3600, False), (72 * 3600 - 600, True)],
+)
+def test_near_time_limit_is_the_last_ten_minutes(elapsed_s: float, near: bool) -> None:
+    assert slurm.near_time_limit(1000.0, 72 * 3600, now=1000.0 + elapsed_s) == near
 
 
 # --- real jobs on submitit's local executor --------------------------------------------------
@@ -347,10 +362,10 @@ def test_local_job_trains_to_completion(
 ) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     argv = local_train_argv(demo, tmp_path, "--optim.max_epochs=1", "--optim.max_steps=2")
-    (job,) = slurm.submit(argv, options_of(argv), {}, executor="local")
+    (job,) = slurm.submit(spec_of(argv), {}, cli.run_job, executor="local")
     assert wait_for(job) == 0
-    run = parsed(pickle.loads(job.paths.submitted_pickle.read_bytes()).args[0])
-    assert (tmp_path / "checkpoints" / run.timestamp_id / "checkpoint.pt").is_file()
+    run = submitted_spec(job).options
+    assert (tmp_path / "checkpoints" / str(run.timestamp_id) / "checkpoint.pt").is_file()
     assert job.paths.folder.parent == tmp_path / "logs" / "slurm"
 
 
@@ -368,9 +383,9 @@ def test_local_job_stopped_at_its_time_limit_is_requeued_and_resumes(
     steps = 60
     argv = local_train_argv(demo, tmp_path, "--print-every=1", "--optim.max_epochs=10",
                             f"--optim.max_steps={steps}", "--optim.eval_every=1000")  # fmt: skip
-    (job,) = slurm.submit(argv, options_of(argv), {}, executor="local")
-    first = parsed(pickle.loads(job.paths.submitted_pickle.read_bytes()).args[0])
-    metrics = tmp_path / "results" / first.timestamp_id / "metrics.jsonl"
+    (job,) = slurm.submit(spec_of(argv), {}, cli.run_job, executor="local")
+    first = submitted_spec(job).options
+    metrics = tmp_path / "results" / str(first.timestamp_id) / "metrics.jsonl"
     deadline = time.monotonic() + 60
     while not (metrics.is_file() and '"train"' in metrics.read_text()):
         assert not job.done(), job.stderr()
@@ -380,8 +395,8 @@ def test_local_job_stopped_at_its_time_limit_is_requeued_and_resumes(
     assert wait_for(job) == 0
     log = job.stderr() or ""
     assert "Requeued job" in log
-    resumed = parsed(pickle.loads(job.paths.submitted_pickle.read_bytes()).args[0])
-    saved = tmp_path / "checkpoints" / first.timestamp_id / "checkpoint.pt"
+    resumed = submitted_spec(job).options
+    saved = tmp_path / "checkpoints" / str(first.timestamp_id) / "checkpoint.pt"
     assert resumed.checkpoint == saved and resumed.timestamp_id == first.timestamp_id
     train_steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
                    if json.loads(line)["split"] == "train"]  # fmt: skip

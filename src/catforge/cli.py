@@ -15,6 +15,7 @@ from catforge.preemption import INTERRUPT_EXIT_CODE
 
 if TYPE_CHECKING:
     from catforge.config import Config, RunOptions
+    from catforge.slurm import JobSpec
 
 log = logging.getLogger("catforge")
 
@@ -144,12 +145,26 @@ def run_ocp_command(argv: Sequence[str]) -> int:
     options = RunOptions.from_namespace(args)
     check_flags(options)
     if options.submit:
-        from catforge.slurm import submit
+        from catforge.slurm import JobSpec, submit
 
         config = load_config(args.config_yml, extra, options)  # check it before submitting
-        submit(argv, options, config.slurm.params)
+        spec = JobSpec(args.config_yml, options, tuple(extra), args.verbose)
+        submit(spec, config.slurm.params, run_job)
         return 0
     return _run_in_process_group(options, lambda: load_config(args.config_yml, extra, options))
+
+
+def run_job(spec: JobSpec) -> int:
+    """The entry of a Slurm job (:mod:`catforge.slurm`): run ``spec`` as :func:`main` runs a
+    command line, with the same exit statuses and one-line errors."""
+    from catforge.config import load_config
+
+    _configure_logging(spec.verbose)
+
+    def make_config() -> Config:
+        return load_config(spec.config_yml, spec.overrides, spec.options)
+
+    return _guarded(lambda: _run_in_process_group(spec.options, make_config))
 
 
 def _run_in_process_group(options: RunOptions, make_config: Callable[[], Config]) -> int:
@@ -234,17 +249,26 @@ def _configure_logging(verbose: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run; a CatforgeError is printed as one line and exits with status 2."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    return _guarded(lambda: _dispatch(argv))
+
+
+def _dispatch(argv: list[str]) -> int:
+    if argv and argv[0] == "data":
+        args = build_parser().parse_args(argv)
+        _configure_logging(args.verbose)
+        run_data_command(args)
+        return 0
+    if argv and argv[0] == "config":
+        _configure_logging(False)
+        run_config_command(argv[1:])
+        return 0
+    return run_ocp_command(argv)
+
+
+def _guarded(command: Callable[[], int]) -> int:
+    """``command()``'s status; a CatforgeError is printed as one line and exits with status 2."""
     try:
-        if argv and argv[0] == "data":
-            args = build_parser().parse_args(argv)
-            _configure_logging(args.verbose)
-            run_data_command(args)
-            return 0
-        if argv and argv[0] == "config":
-            _configure_logging(False)
-            run_config_command(argv[1:])
-            return 0
-        return run_ocp_command(argv)
+        return command()
     except CatforgeError as error:
         print(f"catforge: error: {error}", file=sys.stderr)
         return 2

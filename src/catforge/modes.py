@@ -123,7 +123,7 @@ def predict(config: Config, context: RunContext) -> dict[str, float]:
         evaluation_loader(config, test_set),
         size=len(test_set),  # type: ignore[arg-type]
         task="is2re" if task == "is2re" else "s2ef",
-        results_dir=context.paths.results_dir,
+        results_dir=None if config.options.debug else context.paths.results_dir,
         dtype=config.task.prediction_dtype,
     )
     return {}

@@ -221,18 +221,21 @@ def predict_to_files(
     *,
     size: int,
     task: Task,
-    results_dir: Path,
+    results_dir: Path | None,
     dtype: Literal["float32", "float16"] = "float32",
 ) -> list[Path]:
     """Predict every batch of ``loader`` (this rank's shard of ``size`` structures), gather on
     rank 0, write and print the files there (``task`` s2ef: energies and forces; is2re:
-    energies)."""
+    energies). ``results_dir`` None (``--debug``) writes nothing."""
     start = shard_start(size, get_rank(), get_world_size())
     shard = predict(potential, loader, with_forces=task == "s2ef", start=start)
     gathered = gather_objects(shard)
     if gathered is None:  # not rank 0: rank 0 writes every rank's predictions
         return []
     predictions = Predictions.concatenate(gathered)
+    if results_dir is None:
+        print(f"predictions of {len(predictions)} systems (--debug: not written)")
+        return []
     paths = write_predictions(predictions, results_dir, task, dtype)
     print(f"predictions of {len(predictions)} systems:")
     for path in paths:

@@ -1,10 +1,12 @@
 """``main.py --submit``: run ``main.py`` invocations as Slurm jobs through submitit.
 
-:func:`submit` turns one command line into one job, or into a job array over the grid of a
-``--sweep-yml`` file (:func:`sweep_overrides`). Each job runs :class:`CatforgeJob`, which calls
-:func:`catforge.cli.main` with the user's argv minus ``--submit`` and ``--sweep-yml``, plus a
-``--timestamp-id`` fixed at submit time, so that every rerun of the job writes to the same
-``checkpoints/<id>/``, ``results/<id>/`` and ``logs/<logger>/<id>/`` folders. submitit's files
+:func:`submit` turns one command (config file, dotted overrides and :class:`RunOptions`) into one
+job, or into a job array over the grid of a ``--sweep-yml`` file (:func:`sweep_overrides`). Each
+job is a :class:`JobSpec` run by :class:`CatforgeJob` through the entry function the command
+line hands to :func:`submit` (this module never parses a command line); its options have
+``submit`` and ``sweep_yml`` cleared and a ``timestamp_id`` fixed at submit time, so that every
+rerun of the job writes to the same ``checkpoints/<id>/``, ``results/<id>/`` and
+``logs/<logger>/<id>/`` folders. submitit's files
 (sbatch script, pickles, stdout/stderr of each task) go to ``<run_dir>/<logdir>/slurm/<job id>/``.
 
 Requeue. submitit asks Slurm for ``--signal=USR2@90`` (USR2 90 s before the time limit) and, in
@@ -18,17 +20,17 @@ submitit only logs, ends the command with :data:`~catforge.preemption.RESUME_EXI
 that happens within 10 minutes of the job's time limit, :class:`CatforgeJob` requeues it through
 submitit's handler too. A rerun
 for any other reason (Slurm's own requeue of a preempted job) also resumes: :class:`CatforgeJob`
-adds ``--checkpoint`` whenever its run's ``checkpoint.pt`` exists.
+sets ``checkpoint`` whenever its run's ``checkpoint.pt`` exists.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import itertools
 import logging
 import signal
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -39,7 +41,6 @@ import yaml
 from submitit.core.job_environment import SignalHandler
 from submitit.helpers import DelayedSubmission
 
-from catforge import cli
 from catforge.config import RunOptions, load_config
 from catforge.config.load import read_yaml
 from catforge.errors import CatforgeError, ConfigError
@@ -59,8 +60,6 @@ SWEEP_FORMAT = (
     "{optim.lr_initial: [0.001, 0.0005], model.num_interactions: [3, 5]} "
     "or the nested form {optim: {lr_initial: [0.001, 0.0005]}}"
 )
-_JOB_FLAGS = ("--submit", "--sweep-yml", "--identifier", "--timestamp-id")
-"""Flags :func:`plan_jobs` replaces in the user's argv."""
 
 
 def sweep_overrides(sweep_yml: Path) -> list[list[str]]:
@@ -126,18 +125,36 @@ def _yaml_text(value: Any) -> str:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One job to run: the argv of a ``main.py`` invocation (without ``--submit``), run in the
-    job through :func:`catforge.cli.main`."""
+    """One job to run: a config file, its dotted overrides and the run's options (``submit``
+    and ``sweep_yml`` cleared, ``timestamp_id`` fixed); ``verbose`` turns on debug logging;
+    ``time_limit_s`` is the job's time limit (``timeout_min`` of the submission)."""
 
-    argv: tuple[str, ...]
+    config_yml: Path
+    options: RunOptions
+    overrides: tuple[str, ...] = ()
+    verbose: bool = False
+    time_limit_s: float = 72 * 3600.0
+
+    def with_options(self, **changes: Any) -> JobSpec:
+        """This spec with ``options`` fields replaced."""
+        return dataclasses.replace(self, options=dataclasses.replace(self.options, **changes))
+
+
+Entry = Callable[[JobSpec], int]
+"""What a job runs: a module-level function (pickled by reference) from a spec to an exit
+status, :func:`catforge.cli.main.run_job` for the command line."""
 
 
 class CatforgeJob(submitit.helpers.Checkpointable):
-    """The callable a submitit job runs: ``CatforgeJob()(spec)`` runs ``spec.argv``.
+    """The callable a submitit job runs: ``CatforgeJob(entry)(spec)`` runs ``entry(spec)``.
 
-    Pickled by reference (module and class name), so a job runs the catforge installed where
-    it starts. See the module docs for the requeue protocol.
+    Pickled by reference (module and class name, and the entry function's), so a job runs the
+    catforge installed where it starts. See the module docs for the requeue protocol.
     """
+
+    def __init__(self, entry: Entry) -> None:
+        self.entry = entry
+        self.started = time.time()
 
     def __call__(self, spec: JobSpec) -> int:
         """Run ``spec`` in this job; returns the command's exit status (0, or
@@ -145,38 +162,45 @@ class CatforgeJob(submitit.helpers.Checkpointable):
         requeued).
 
         The run resumes from its own ``checkpoint.pt`` when that exists (a rerun of the job),
-        and gets ``--distributed`` when the job has several tasks (ranks from the Slurm env).
+        and is ``distributed`` when the job has several tasks (ranks from the Slurm env).
 
         Raises:
             CatforgeError: the command failed (its error is in the task's stderr log).
         """
-        argv = list(resume_spec(spec).argv)
-        if job_num_tasks() > 1 and _find_flag(argv, "--distributed") is None:
-            argv.append("--distributed")
-        status = cli.main(argv)
+        self.started = time.time()
+        spec = resume_spec(spec)
+        if job_num_tasks() > 1 and not spec.options.distributed:
+            spec = spec.with_options(distributed=True)
+        status = self.entry(spec)
         if status == RESUME_EXIT_CODE:
-            _requeue_near_time_limit()
+            _requeue_near_time_limit(spec.time_limit_s, self.started)
         elif status != 0:
-            raise CatforgeError(f"catforge {' '.join(argv)} exited with status {status}")
+            raise CatforgeError(f"catforge job {describe(spec)} exited with status {status}")
         return status
 
     def checkpoint(self, spec: JobSpec) -> DelayedSubmission:  # type: ignore[override]
         """What submitit requeues on a time-out or preemption: this job, resuming from the
-        run's ``checkpoint.pt`` if it exists (else the same argv again)."""
-        return DelayedSubmission(self, resume_spec(spec))
+        run's ``checkpoint.pt`` if it exists (else the same spec again)."""
+        return DelayedSubmission(CatforgeJob(self.entry), resume_spec(spec))
+
+
+def describe(spec: JobSpec) -> str:
+    """``--mode M --config-yml C [overrides] (run ID)`` for messages."""
+    options = spec.options
+    overrides = "".join(f" {item}" for item in spec.overrides)
+    run = f"(run {options.timestamp_id})"
+    return f"--mode {options.mode} --config-yml {spec.config_yml}{overrides} {run}"
 
 
 def resume_spec(spec: JobSpec) -> JobSpec:
-    """``spec`` with ``--checkpoint <run_dir>/checkpoints/<timestamp_id>/checkpoint.pt`` when it
-    is a training run with a fixed ``--timestamp-id`` and that file exists; else ``spec``."""
-    args, _ = cli.build_ocp_parser().parse_known_args(list(spec.argv))
-    if args.mode != "train" or not args.timestamp_id:
+    """``spec`` with ``checkpoint`` = ``<run_dir>/checkpoints/<timestamp_id>/checkpoint.pt`` when
+    it is a training run with a fixed ``timestamp_id`` and that file exists; else ``spec``."""
+    options = spec.options
+    if options.mode != "train" or not options.timestamp_id:
         return spec
-    path = RunPaths.create(args.run_dir, timestamp_id=args.timestamp_id).checkpoint_dir
+    path = RunPaths.create(options.run_dir, timestamp_id=options.timestamp_id).checkpoint_dir
     path = path / "checkpoint.pt"
-    if not path.is_file():
-        return spec
-    return JobSpec((*_drop_flags(spec.argv, ("--checkpoint",)), f"--checkpoint={path}"))
+    return spec.with_options(checkpoint=path) if path.is_file() else spec
 
 
 def job_num_tasks() -> int:
@@ -187,7 +211,7 @@ def job_num_tasks() -> int:
         return 1
 
 
-def _requeue_near_time_limit() -> None:
+def _requeue_near_time_limit(time_limit_s: float, started: float) -> None:
     """After a run stopped on a signal and wrote its checkpoint: requeue as submitit would.
 
     The run's own handler (:mod:`catforge.preemption`) took the signal from submitit's, so it is
@@ -200,7 +224,7 @@ def _requeue_near_time_limit() -> None:
     handler = getattr(signal.getsignal(number), "__self__", None)
     if not isinstance(handler, SignalHandler):
         return  # not in a submitit job
-    if near_time_limit(handler):
+    if near_time_limit(started, time_limit_s):
         handler.checkpoint_and_try_requeue(number)
     else:
         log.warning(
@@ -209,11 +233,10 @@ def _requeue_near_time_limit() -> None:
         )
 
 
-def near_time_limit(handler: SignalHandler, now: float | None = None) -> bool:
-    """Whether the job of submitit's ``handler`` is within :data:`TIME_LIMIT_WINDOW_S` of its
-    time limit (submitit's own rule, ``has_timed_out``, also counts any time past 80 %)."""
-    limit_s = handler._delayed._timeout_min * 60  # submitit keeps both privately
-    elapsed_s = (time.time() if now is None else now) - handler._start_time
+def near_time_limit(started: float, limit_s: float, now: float | None = None) -> bool:
+    """Whether a job that started at ``started`` (``time.time()``) with a time limit of
+    ``limit_s`` seconds is within :data:`TIME_LIMIT_WINDOW_S` of it."""
+    elapsed_s = (time.time() if now is None else now) - started
     return elapsed_s >= limit_s - TIME_LIMIT_WINDOW_S
 
 
@@ -258,21 +281,25 @@ def make_executor(
 
 
 def plan_jobs(
-    argv: Sequence[str], options: RunOptions, *, now: datetime | None = None
+    config_yml: Path,
+    overrides: tuple[str, ...],
+    options: RunOptions,
+    *,
+    now: datetime | None = None,
+    verbose: bool = False,
 ) -> list[JobSpec]:
-    """The jobs of a ``--submit`` command line: one, or one per ``--sweep-yml`` grid point.
+    """The jobs of a ``--submit`` command: one, or one per ``--sweep-yml`` grid point.
 
-    Each job's argv is ``argv`` without ``--submit``/``--sweep-yml``, with its identifier
-    (``<identifier>_run<i>`` in a sweep) and a ``--timestamp-id`` fixed now
-    (``<time>-<identifier>``, or the given ``--timestamp-id``), then the sweep overrides.
+    Each job has ``submit``/``sweep_yml`` cleared, its identifier (``<identifier>_run<i>`` in a
+    sweep) and a ``timestamp_id`` fixed now (``<time>-<identifier>``, or the given
+    ``--timestamp-id``), and the sweep overrides after the command's.
     """
-    base = _drop_flags(argv, _JOB_FLAGS)
     grid: list[list[str]] = (
         [[]] if options.sweep_yml is None else sweep_overrides(options.sweep_yml)
     )
     now = now or datetime.now()
     specs = []
-    for index, overrides in enumerate(grid):
+    for index, extra in enumerate(grid):
         identifier = options.identifier
         if options.sweep_yml is not None:
             identifier = f"{identifier}_run{index}" if identifier else f"run{index}"
@@ -282,39 +309,47 @@ def plan_jobs(
             run = options.timestamp_id
         else:
             run = f"{options.timestamp_id}-{identifier}"
-        named = [f"--identifier={identifier}"] if identifier else []
-        specs.append(JobSpec((*base, *named, f"--timestamp-id={run}", *overrides)))
+        job_options = dataclasses.replace(
+            options, submit=False, sweep_yml=None, identifier=identifier, timestamp_id=run
+        )
+        job_overrides = (*overrides, *extra)
+        specs.append(JobSpec(Path(config_yml), job_options, job_overrides, verbose))
     return specs
 
 
 def submit(
-    argv: Sequence[str],
-    options: RunOptions,
+    spec: JobSpec,
     slurm_params: Mapping[str, Any],
+    entry: Entry,
     *,
     executor: str = "slurm",
 ) -> list[submitit.Job[Any]]:
-    """Submit ``argv`` (a ``main.py`` command line with ``--submit``) as one job, or as a job
-    array over the ``--sweep-yml`` grid; prints the job ids and log folders, returns the jobs.
+    """Submit the command of ``spec`` (``options.submit`` set) as one job, or as a job array
+    over its ``--sweep-yml`` grid, each run by ``entry``; prints the job ids and log folders,
+    returns the jobs.
 
     Every job's config is loaded first, so a bad sweep key fails here, before anything runs.
 
     Raises:
         ConfigError: a job's config is invalid, or no Slurm cluster is found.
     """
+    options = spec.options
     _check_layout(options)
     now = datetime.now()
-    specs = plan_jobs(argv, options, now=now)
-    for spec in specs:
-        _check_config(spec)
+    specs = plan_jobs(spec.config_yml, spec.overrides, options, now=now, verbose=spec.verbose)
+    for planned in specs:
+        _check_config(planned)
     if options.timestamp_id is None:
-        specs = [_claim_run(spec, now) for spec in specs]
+        specs = [_claim_run(planned, now) for planned in specs]
     folder = (options.run_dir / options.logdir / "slurm" / "%j").absolute()
-    auto = make_executor(folder, executor_parameters(options, slurm_params), executor)
-    job = CatforgeJob()
+    parameters = executor_parameters(options, slurm_params)
+    limit_s = 60.0 * parameters["timeout_min"]
+    specs = [dataclasses.replace(planned, time_limit_s=limit_s) for planned in specs]
+    auto = make_executor(folder, parameters, executor)
+    job = CatforgeJob(entry)
     jobs = [auto.submit(job, specs[0])] if len(specs) == 1 else auto.map_array(job, specs)
-    for submitted, spec in zip(jobs, specs, strict=True):
-        run = cli.build_ocp_parser().parse_known_args(list(spec.argv))[0].timestamp_id
+    for submitted, planned in zip(jobs, specs, strict=True):
+        run = planned.options.timestamp_id
         print(f"submitted job {submitted.job_id} (run {run}); logs: {submitted.paths.folder}")
     return jobs
 
@@ -322,13 +357,14 @@ def submit(
 def _claim_run(spec: JobSpec, now: datetime) -> JobSpec:
     """``spec`` with its new run's folders created now, so that another submission in the same
     second gets another id (``<id>-2``, ...) and the job never shares another run's folders."""
-    args, _ = cli.build_ocp_parser().parse_known_args(list(spec.argv))
+    options = spec.options
     claimed = RunPaths.claim_new(
-        args.run_dir, identifier=args.identifier, folders=MODE_FOLDERS.get(args.mode, FOLDERS),
+        options.run_dir,
+        identifier=options.identifier,
+        folders=MODE_FOLDERS.get(options.mode, FOLDERS),
         now=now,
-    )  # fmt: skip
-    argv = _drop_flags(spec.argv, ("--timestamp-id",))
-    return JobSpec((*argv, f"--timestamp-id={claimed.timestamp_id}"))
+    )
+    return spec.with_options(timestamp_id=claimed.timestamp_id)
 
 
 def _check_layout(options: RunOptions) -> None:
@@ -344,50 +380,7 @@ def _check_layout(options: RunOptions) -> None:
 
 def _check_config(spec: JobSpec) -> None:
     """Load ``spec``'s config as the job will (a ConfigError names the run)."""
-    args, extra = cli.build_ocp_parser().parse_known_args(list(spec.argv))
     try:
-        load_config(args.config_yml, extra, RunOptions.from_namespace(args))
+        load_config(spec.config_yml, spec.overrides, spec.options)
     except ConfigError as error:
-        raise ConfigError(f"run {args.timestamp_id}: {error}") from error
-
-
-def _option_actions() -> dict[str, argparse.Action]:
-    return dict(cli.build_ocp_parser()._option_string_actions)
-
-
-def _find_flag(argv: Sequence[str], flag: str) -> int | None:
-    """The index of the first argument that argparse reads as ``flag``, or None."""
-    actions = _option_actions()
-    for index, arg in enumerate(argv):
-        if _resolve(arg, actions) is actions[flag]:
-            return index
-    return None
-
-
-def _drop_flags(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
-    """``argv`` without ``flags`` and their values, in any spelling argparse accepts
-    (``--flag value``, ``--flag=value``, unique abbreviations such as ``--sub``)."""
-    actions = _option_actions()
-    dropped = {id(actions[flag]) for flag in flags}
-    out: list[str] = []
-    index = 0
-    while index < len(argv):
-        arg = argv[index]
-        action = _resolve(arg, actions)
-        index += 1
-        if action is None or id(action) not in dropped:
-            out.append(arg)
-        elif action.nargs != 0 and "=" not in arg:
-            index += 1  # its value
-    return out
-
-
-def _resolve(arg: str, actions: Mapping[str, argparse.Action]) -> argparse.Action | None:
-    """The option ``arg`` sets, as argparse matches it (exact, ``=value``, unique prefix)."""
-    if not arg.startswith("--"):
-        return None
-    name = arg.split("=", 1)[0]
-    if name in actions:
-        return actions[name]
-    matches = {id(action): action for key, action in actions.items() if key.startswith(name)}
-    return next(iter(matches.values())) if len(matches) == 1 else None
+        raise ConfigError(f"run {spec.options.timestamp_id}: {error}") from error
