@@ -19,7 +19,7 @@ from ase.data import atomic_masses
 
 from catforge.assemble.training import loss_settings
 from catforge.assemble.training import schedule as build_schedule
-from catforge.checkpoint import load_weights
+from catforge.checkpoint import load_checkpoint, load_weights
 from catforge.config import parse_config
 from catforge.data.atoms import atoms_to_graph
 from catforge.data.collate import collate
@@ -71,7 +71,7 @@ def test_ocp_schnet_checkpoint_with_the_atomic_mass_buffer_loads(caplog) -> None
 def test_ocp_reference_schnet_with_atomic_mass_loads(shared_data: Path) -> None:
     """OCP's SchNetWrap state dict (the 32-key reference fixture, 2 blocks, torch_geometric
     2.3) plus the older buffer loads into catforge's SchNet with every weight equal."""
-    reference = torch.load(shared_data / "ocp_reference" / "schnet.pt", weights_only=False)
+    reference = load_checkpoint(shared_data / "ocp_reference" / "schnet.pt")
     block = {key: value for key, value in reference["model"].items() if key != "name"}
     state = dict(reference["state_dict"])
     assert len(state) == 32

@@ -188,7 +188,7 @@ def _wait_for_mid_epoch_checkpoint(run_dir: Path, process: subprocess.Popen[byte
     while time.monotonic() < deadline:
         assert process.poll() is None, "training finished before it could be killed"
         for checkpoint in run_dir.glob("checkpoints/*/checkpoint.pt"):
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+            state = load_checkpoint(checkpoint)
             if state["step"] >= 3 and state["batch_in_epoch"] > 0:
                 return checkpoint
         time.sleep(0.02)

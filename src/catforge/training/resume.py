@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from catforge.checkpoint import load_checkpoint
+from catforge.errors import CheckpointError
 from catforge.metrics import is_better
 
 log = logging.getLogger(__name__)
@@ -23,17 +25,31 @@ _RUN_KEYS = frozenset({"options.checkpoint", "options.mode", "options.timestamp_
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG a training step may draw from: torch CPU, CUDA (if present), numpy, random."""
+    """Every RNG a training step may draw from: torch CPU, CUDA (if present), numpy, random;
+    as tensors and plain values, which ``torch.load(weights_only=True)`` reads."""
+    kind, key, position, has_gauss, gauss = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": {
+            "bit_generator": str(kind),
+            "key": torch.from_numpy(np.asarray(key, dtype=np.int64)),
+            "pos": int(position),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": gauss_next,
+        },
     }
 
 
 def set_rng_state(state: Mapping[str, Any] | None) -> None:
-    """Restore what :func:`rng_state` captured (missing parts are left alone)."""
+    """Restore what :func:`rng_state` captured (missing parts are left alone); the numpy and
+    Python states of format-1 checkpoints (as ``get_state()``/``getstate()`` return them) too."""
     if not state:
         return
     if state.get("torch") is not None:
@@ -42,9 +58,27 @@ def set_rng_state(state: Mapping[str, Any] | None) -> None:
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
     if state.get("numpy") is not None:
-        np.random.set_state(state["numpy"])
+        np.random.set_state(_numpy_state(state["numpy"]))
     if state.get("python") is not None:
-        random.setstate(state["python"])
+        random.setstate(_python_state(state["python"]))
+
+
+def _numpy_state(saved: Any) -> tuple[Any, ...]:
+    """``np.random.set_state``'s legacy tuple from :func:`rng_state`'s dict (or that tuple)."""
+    if not isinstance(saved, Mapping):
+        return tuple(saved)
+    key = np.asarray(saved["key"].cpu().numpy(), dtype=np.uint32)
+    return (saved["bit_generator"], key, saved["pos"], saved["has_gauss"], saved["gauss"])
+
+
+def _python_state(saved: Any) -> tuple[Any, ...]:
+    """``random.setstate``'s tuple from :func:`rng_state`'s dict (or that tuple)."""
+    if isinstance(saved, Mapping):
+        version, internal, gauss_next = saved["version"], saved["state"], saved["gauss_next"]
+        internal = internal.tolist() if isinstance(internal, torch.Tensor) else internal
+    else:
+        version, internal, gauss_next = saved
+    return (version, tuple(int(value) for value in internal), gauss_next)
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -87,14 +121,16 @@ def report_config_diff(old: Mapping[str, Any] | None, new: Mapping[str, Any]) ->
 
 
 def stored_best(path: Path, primary: str) -> float | None:
-    """The primary metric recorded in an existing ``best_checkpoint.pt`` (None if unreadable)."""
+    """The primary metric recorded in an existing ``best_checkpoint.pt`` (None, with a
+    warning, if it cannot be loaded: a torn file is no better than none)."""
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # a torn file is no better than none
+        state = load_checkpoint(path)
+    except CheckpointError as error:
+        log.warning("ignoring the best metric of %s", error)
         return None
-    value = (state.get("val_metrics") or {}).get(primary) if isinstance(state, dict) else None
+    value = (state.get("val_metrics") or {}).get(primary)
     return None if value is None else float(value)
 
 
