@@ -364,3 +364,17 @@ def test_a_failing_child_fails_the_test_instead_of_hanging() -> None:
     with pytest.raises(mp.ProcessRaisedException, match="rank 1 failed on purpose"):
         run_two_processes(failing_worker, free_port())
     assert time.monotonic() - start < GROUP_TIMEOUT_S
+
+
+def test_progress_asks_the_one_rank_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Progress bars follow the process group's rank, not a launcher variable: under Slurm
+    (SLURM_PROCID, no RANK) a rank other than 0 shows none."""
+    import sys
+
+    from catforge import progress
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert progress.progress_enabled()
+    monkeypatch.setattr(distributed, "get_rank", lambda: 1)
+    assert not progress.progress_enabled()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from catforge.errors import ConfigError
+from catforge.registry import SCHEDULERS
 from catforge.training.optim import (
     ExponentialMovingAverage,
     LRSchedule,
@@ -18,7 +19,6 @@ from catforge.training.optim import (
     build_scheduler,
     clip_gradients,
     resolve_schedule_steps,
-    scheduler_names,
     warmup_milestone_factor,
 )
 
@@ -156,7 +156,7 @@ def test_torch_scheduler_by_name_with_kwargs() -> None:
     cosine = build_scheduler(_optimizer(), "CosineAnnealingLR", steps_per_epoch=10, total_steps=20)
     assert isinstance(cosine.scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
     assert cosine.scheduler.T_max == 20  # defaulted to the run length
-    assert "OneCycleLR" in scheduler_names() and "LambdaLR" in scheduler_names()
+    assert "OneCycleLR" in SCHEDULERS and "LambdaLR" in SCHEDULERS
 
 
 def test_torch_scheduler_kwarg_errors() -> None:

@@ -302,8 +302,13 @@ def setup(
         ) from e
     log.info(
         "rank %d of %d (local rank %d, %s, %s) joined at %s",
-        env.rank, env.world_size, env.local_rank, env.launcher, name, address,
-    )  # fmt: skip
+        env.rank,
+        env.world_size,
+        env.local_rank,
+        env.launcher,
+        name,
+        address,
+    )
     return device
 
 

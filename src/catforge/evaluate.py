@@ -26,9 +26,13 @@ def batch_totals(
     """Metric totals of one batch: S2EF metrics ``with_forces``, else IS2RE energy metrics."""
     output = model(batch, training=False)
     return output_totals(
-        output.energy, output.forces, batch, transform,
-        with_forces=with_forces, eval_on_free_atoms=eval_on_free_atoms,
-    )  # fmt: skip
+        output.energy,
+        output.forces,
+        batch,
+        transform,
+        with_forces=with_forces,
+        eval_on_free_atoms=eval_on_free_atoms,
+    )
 
 
 def output_totals(

@@ -28,10 +28,23 @@ import torch
 
 # The float unary ops torch computes with MKL VML (aten/src/ATen/cpu/vml.h).
 _VML_FUNCTIONS = (
-    torch.sqrt, torch.exp, torch.log, torch.log2, torch.log10, torch.sin, torch.cos, torch.tan,
-    torch.tanh, torch.asin, torch.acos, torch.atan, torch.erf, torch.erfc, torch.erfinv,
+    torch.sqrt,
+    torch.exp,
+    torch.log,
+    torch.log2,
+    torch.log10,
+    torch.sin,
+    torch.cos,
+    torch.tan,
+    torch.tanh,
+    torch.asin,
+    torch.acos,
+    torch.atan,
+    torch.erf,
+    torch.erfc,
+    torch.erfinv,
     torch.trunc,
-)  # fmt: skip
+)
 
 
 _initialised = False

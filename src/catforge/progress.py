@@ -9,13 +9,14 @@ own bar use :class:`Heartbeat` for the same rhythm.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sized
 from typing import TypeVar
 
 from tqdm import tqdm
+
+from catforge.distributed import is_main
 
 T = TypeVar("T")
 HEARTBEAT_SECONDS = 30.0
@@ -24,9 +25,9 @@ log = logging.getLogger(__name__)
 
 
 def progress_enabled(requested: bool = True) -> bool:
-    """Show bars only when asked, on rank 0, and when stderr is a terminal."""
-    is_main = os.environ.get("RANK", "0") == "0"
-    return requested and is_main and sys.stderr.isatty()
+    """Show bars only when asked, on rank 0 (:func:`catforge.distributed.is_main`, the one rank
+    source), and when stderr is a terminal."""
+    return requested and is_main() and sys.stderr.isatty()
 
 
 class Heartbeat:
@@ -51,6 +52,28 @@ class Heartbeat:
     def rate(self, count: int) -> float:
         """``count`` items per second since the start."""
         return count / max(time.monotonic() - self.start, 1e-9)
+
+
+def progress_bar(
+    total: int,
+    *,
+    desc: str,
+    unit: str = "it",
+    initial: int = 0,
+    leave: bool = False,
+    enabled: bool = True,
+) -> tqdm:
+    """A bar advanced by hand (``bar.update(n)``), shown where :func:`progress_enabled` says;
+    elsewhere a disabled bar (``bar.disable``), and the loop logs its own :class:`Heartbeat`."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        disable=not progress_enabled(enabled),
+        dynamic_ncols=True,
+        leave=leave,
+    )
 
 
 def progress(

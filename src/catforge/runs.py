@@ -108,9 +108,12 @@ class RunPaths:
             try:
                 if run_id is None:
                     made = cls.claim_new(
-                        options.run_dir, identifier=options.identifier, folders=folders,
-                        logger=config.logger.name, now=now,
-                    )  # fmt: skip
+                        options.run_dir,
+                        identifier=options.identifier,
+                        folders=folders,
+                        logger=config.logger.name,
+                        now=now,
+                    )
                 else:
                     made = cls._reserve_named(config, run_id, folders, fresh)
                 outcome = (made, None)

@@ -44,7 +44,7 @@ from catforge.data.staging import staged_output
 from catforge.data.stats import Moments, normalization_lines, s2ef_stats, target_stats
 from catforge.data.workers import init_worker, single_threaded_env, spawn_context
 from catforge.errors import ConfigError, DataError
-from catforge.progress import progress_enabled
+from catforge.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -344,10 +344,7 @@ def ingest(
 
 
 def _bar(total: int, task: str, progress: bool) -> Any:
-    from tqdm import tqdm
-
-    enabled = progress_enabled(progress)
-    return tqdm(total=total, desc=f"ingest {task}", unit="file", disable=not enabled, leave=False)
+    return progress_bar(total, desc=f"ingest {task}", unit="file", enabled=progress)
 
 
 def _ingest_s2ef(

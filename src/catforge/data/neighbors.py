@@ -227,10 +227,16 @@ def _lexsort(keys: list[tuple[Array, int]]) -> Array:
     runs); on numpy into 16-bit digits for ``np.lexsort``, which radix-sorts those (several times
     faster than sorting int64).
     """
-    on_numpy = isinstance(keys[0][0], np.ndarray)
-    limit = 2**16 if on_numpy else 2**62
-    keys = keys if on_numpy else [(values.long(), bound) for values, bound in keys]
-    packed: list[tuple[Array, int]] = []  # least significant first
+    first = keys[0][0]
+    if isinstance(first, np.ndarray):
+        return _lexsort_numpy([(np.asarray(values), bound) for values, bound in keys])
+    return _lexsort_torch([(torch.as_tensor(values).long(), bound) for values, bound in keys])
+
+
+def _pack(keys: list[tuple[Array, int]], limit: int) -> list[tuple[Array, int]]:
+    """Neighbouring keys merged while the product of their bounds stays <= ``limit``; least
+    significant first."""
+    packed: list[tuple[Array, int]] = []
     current, current_bound = keys[-1]
     for values, bound in reversed(keys[:-1]):
         if current_bound * bound <= limit:
@@ -240,13 +246,21 @@ def _lexsort(keys: list[tuple[Array, int]]) -> Array:
             packed.append((current, current_bound))
             current, current_bound = values, bound
     packed.append((current, current_bound))
-    if not on_numpy:
-        order = torch.argsort(packed[0][0], stable=True)
-        for key, _ in packed[1:]:
-            order = order.index_select(0, torch.argsort(key.index_select(0, order), stable=True))
-        return order
+    return packed
+
+
+def _lexsort_torch(keys: list[tuple[Tensor, int]]) -> Tensor:
+    packed = _pack(keys, 2**62)
+    order = torch.argsort(packed[0][0], stable=True)
+    for key, _ in packed[1:]:
+        order = order.index_select(0, torch.argsort(key.index_select(0, order), stable=True))
+    return order
+
+
+def _lexsort_numpy(keys: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    limit = 2**16
     digits = []
-    for key, bound in packed:
+    for key, bound in _pack(keys, limit):
         if bound > limit:  # split a wide key into 16-bit digits
             key = key.astype(np.int64, copy=False)
             while bound > limit:

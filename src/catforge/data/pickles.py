@@ -124,12 +124,20 @@ _LEGACY_VERSION = 1001
 _STORAGE_DTYPES = {
     ("torch", f"{kind}Storage"): getattr(torch, dtype)
     for kind, dtype in (
-        ("Double", "float64"), ("Float", "float32"), ("Half", "float16"),
-        ("BFloat16", "bfloat16"), ("Long", "int64"), ("Int", "int32"), ("Short", "int16"),
-        ("Char", "int8"), ("Byte", "uint8"), ("Bool", "bool"),
-        ("ComplexDouble", "complex128"), ("ComplexFloat", "complex64"),
+        ("Double", "float64"),
+        ("Float", "float32"),
+        ("Half", "float16"),
+        ("BFloat16", "bfloat16"),
+        ("Long", "int64"),
+        ("Int", "int32"),
+        ("Short", "int16"),
+        ("Char", "int8"),
+        ("Byte", "uint8"),
+        ("Bool", "bool"),
+        ("ComplexDouble", "complex128"),
+        ("ComplexFloat", "complex64"),
     )
-}  # fmt: skip
+}
 
 
 class _StorageUnpickler(pickle.Unpickler):
@@ -186,10 +194,30 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
 
 
 _DTYPE_NAMES = (
-    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8",
-    "uint16", "uint32", "uint64", "bool", "complex64", "complex128", "double", "float", "half",
-    "long", "int", "short", "cfloat", "cdouble",
-)  # fmt: skip
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint8",
+    "uint16",
+    "uint32",
+    "uint64",
+    "bool",
+    "complex64",
+    "complex128",
+    "double",
+    "float",
+    "half",
+    "long",
+    "int",
+    "short",
+    "cfloat",
+    "cdouble",
+)
 
 
 def _torch_globals() -> dict[tuple[str, str], Any]:

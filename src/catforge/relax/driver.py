@@ -9,8 +9,8 @@ costs nothing more. Its result pairs the final positions with the energy and for
 those positions. Step for step this is ``ase.optimize.LBFGS(...).run(fmax, steps)`` on each
 structure: at most ``steps`` steps and ``steps + 1`` force evaluations.
 
-The neighbour graph is rebuilt by the model on every call (stored edges are dropped), with the
-model's own cutoff and neighbour cap. Positions are never wrapped into the cell.
+The neighbour graph is rebuilt by the model's graph step on every call (stored edges are
+dropped), with the model's own cutoff and neighbour cap. Positions are never wrapped into the cell.
 """
 
 from __future__ import annotations
@@ -189,9 +189,13 @@ class _InFlight:
         for slot in slots:
             atoms = slice(bounds[slot], bounds[slot + 1])
             frames[slot] = Frame(
-                self.indices[slot], steps[slot], pos[atoms].copy(), float(energy[slot]),
-                forces_np[atoms].copy(), float(fmax[slot]),
-            )  # fmt: skip
+                self.indices[slot],
+                steps[slot],
+                pos[atoms].copy(),
+                float(energy[slot]),
+                forces_np[atoms].copy(),
+                float(fmax[slot]),
+            )
         return frames
 
     def retire(self, done: Tensor) -> Tensor:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer, lr_scheduler
 
 from catforge.errors import CheckpointError, ConfigError
-from catforge.registry import lookup
+from catforge.registry import OPTIMIZERS, SCHEDULERS, lookup_name
 
 log = logging.getLogger(__name__)
 
@@ -39,40 +39,11 @@ __all__ = [
     "build_optimizer",
     "build_scheduler",
     "clip_gradients",
-    "optimizer_classes",
     "resolve_schedule_steps",
-    "scheduler_names",
     "warmup_milestone_factor",
 ]
 
 NO_DECAY_KEYS = ("embedding", "frequencies", "bias")
-OCP_SCHEDULE_NAMES = ("LambdaLR", "Null")
-_UNSUPPORTED = {"LRScheduler", "LambdaLR", "MultiplicativeLR", "SequentialLR", "ChainedScheduler"}
-
-
-def optimizer_classes() -> dict[str, type[Optimizer]]:
-    """Every ``torch.optim`` optimizer class by name."""
-    return {
-        name: cls
-        for name, cls in vars(torch.optim).items()
-        if isinstance(cls, type) and issubclass(cls, Optimizer) and cls is not Optimizer
-    }
-
-
-def _scheduler_classes() -> dict[str, type]:
-    return {
-        name: cls
-        for name, cls in vars(lr_scheduler).items()
-        if isinstance(cls, type)
-        and not name.startswith("_")
-        and name not in _UNSUPPORTED
-        and (issubclass(cls, lr_scheduler.LRScheduler) or cls is lr_scheduler.ReduceLROnPlateau)
-    }
-
-
-def scheduler_names() -> tuple[str, ...]:
-    """Valid ``optim.scheduler`` names: OCP's ``LambdaLR``/``Null`` and torch schedulers."""
-    return tuple(sorted({*OCP_SCHEDULE_NAMES, *_scheduler_classes()}))
 
 
 def _checked_kwargs(
@@ -85,7 +56,8 @@ def _checked_kwargs(
     for key in kwargs:
         if key in reserved:
             raise ConfigError(f"{what}: '{key}' is set by catforge; remove it from the parameters")
-        lookup({n: p for n, p in valid.items() if n not in reserved}, key, f"argument of {what}")
+        allowed = {n: p for n, p in valid.items() if n not in reserved}
+        lookup_name(allowed, key, f"argument of {what}")
     missing = [
         n
         for n, p in valid.items()
@@ -116,7 +88,7 @@ def build_optimizer(
 
     ``optimizer_params`` go to the constructor, checked against its signature.
     """
-    cls = lookup(optimizer_classes(), name, "optimizer")
+    cls = OPTIMIZERS.load(name)
     params = dict(optimizer_params or {})
     signature = inspect.signature(cls).parameters
     accepts_decay = "weight_decay" in signature
@@ -146,8 +118,9 @@ def build_optimizer(
             log.info(
                 "optim.weight_decay not set: using %g on all parameters, the %s default OCP "
                 "used; set optim.weight_decay to choose (> 0 exempts biases and embeddings)",
-                signature["weight_decay"].default, name,
-            )  # fmt: skip
+                signature["weight_decay"].default,
+                name,
+            )
     optimizer: Optimizer = cls(groups, lr=lr, **kwargs)  # type: ignore[call-arg]
     return optimizer
 
@@ -250,9 +223,9 @@ def build_scheduler(
       ``"min"``; a warning says so when it is not the metric's direction (OCP's S2EF configs
       with ``mode: min`` step on ``energy_force_within_threshold``, higher is better).
     """
-    table: dict[str, type | None] = {**_scheduler_classes(), "LambdaLR": None, "Null": None}
     label = name or "LambdaLR"
-    cls = lookup(table, label, "scheduler")
+    entry = SCHEDULERS.lookup(label)
+    cls = entry.load() if entry.target else None  # no target: OCP's LambdaLR or Null
     has_ocp_schedule = bool(warmup) or bool(milestones)
     if cls is None:
         if params:
@@ -288,8 +261,13 @@ def _check_plateau_mode(mode: object, metric: tuple[str, str] | None) -> None:
         "scheduler ReduceLROnPlateau steps on the primary metric %s (%s is better) with mode "
         "'%s', as OCP's trainer does: the LR drops when %s stops %s. Set optim.mode: %s (or "
         "another task.primary_metric) to drop it when the metric stops improving",
-        name, better, mode, name, "decreasing" if mode == "min" else "increasing", direction,
-    )  # fmt: skip
+        name,
+        better,
+        mode,
+        name,
+        "decreasing" if mode == "min" else "increasing",
+        direction,
+    )
 
 
 def _ocp_lambda(

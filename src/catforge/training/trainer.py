@@ -23,7 +23,7 @@ from catforge.evaluate import evaluate
 from catforge.loggers import RunLogger
 from catforge.metrics import format_metrics_table, is_better
 from catforge.preemption import Preempted, StopRequest, signal_name
-from catforge.progress import Heartbeat, progress_enabled
+from catforge.progress import Heartbeat, progress_bar, progress_enabled
 from catforge.training.checkpointer import Checkpointer, TrainState
 from catforge.training.loaders import worker_error_message
 from catforge.training.step import TrainParts, train_step
@@ -286,13 +286,6 @@ class Trainer:
         return (all_reduce_max(flag) if self.world_size > 1 else flag) > 0
 
     def _progress_bar(self) -> Any:
-        from tqdm import tqdm
-
-        return tqdm(
-            total=self.total_steps,
-            initial=self.state.step,
-            desc="train",
-            unit="step",
-            disable=not progress_enabled(),
-            dynamic_ncols=True,
+        return progress_bar(
+            self.total_steps, desc="train", unit="step", initial=self.state.step, leave=True
         )
