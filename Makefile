@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,wandb]'
 	touch $@
 
 # The demo: build the EMT dataset if missing, train S2EF SchNet on it, validate the checkpoint,
@@ -36,6 +36,7 @@ test: $(BIN)/.installed
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(BIN)/.installed
 	$(BIN)/ruff format .

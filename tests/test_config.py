@@ -586,7 +586,7 @@ def test_wandb_logger_needs_the_package():
         logger = parse_config(minimal(logger="wandb", logger_project="ocp")).logger
         assert (logger.name, logger.project) == ("wandb", "ocp")
     else:
-        with pytest.raises(ConfigError, match="pip install wandb"):
+        with pytest.raises(ConfigError, match=r"pip install 'catforge\[wandb\]'"):
             parse_config(minimal(logger="wandb"))
 
 

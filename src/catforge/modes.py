@@ -82,7 +82,7 @@ def train(config: Config, context: RunContext) -> dict[str, float]:
         print(f"checkpoint: {paths.checkpoint_dir / 'checkpoint.pt'}")
         if best.is_file():
             print(f"best checkpoint ({run.trainer.primary}): {best}")
-        print(f"tensorboard logs: {paths.logs_dir}")
+        print(f"{config.logger.name} logs: {paths.logs_dir}")
         print(f"metrics log: {paths.results_dir / 'metrics.jsonl'}")
     return metrics
 
