@@ -51,10 +51,10 @@ from catforge.data.atoms import atoms_to_graph
 from catforge.data.graph import AtomicGraph
 from catforge.models.forces import ModelOutput
 from catforge.models.schnet import SchNet
-from catforge.potential import Potential
+from catforge.potential.targets import TargetTransform
+from catforge.potential.trained import Potential
 from catforge.relax.driver import RelaxSettings, relax
 from catforge.relax.lbfgs import BatchedLBFGS, LBFGSSettings
-from catforge.targets import TargetTransform
 
 METALS = ("Pt", "Cu", "Pd", "Au", "Ag", "Ni")
 ADSORBATES = ("CH3OH", "CO", "OH", "H2O", "NH3", "CH3CH2OH", "CH4", "NO")

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import torch
 
-from catforge import atomic, cli
-from catforge.atomic import write_bytes, write_json
-from catforge.checkpoint import load_checkpoint, save_checkpoint
+from catforge.cli import main as cli
 from catforge.errors import OutputError
+from catforge.potential.checkpoint import load_checkpoint, save_checkpoint
+from catforge.runtime import atomic
+from catforge.runtime.atomic import write_bytes, write_json
 from tests.factories import SMALL_MODEL, data_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,11 +21,11 @@ import lmdb
 import numpy as np
 import pytest
 
-from catforge.checkpoint import load_checkpoint, save_checkpoint
+from catforge.cli.modes import run
 from catforge.config import RunOptions, load_config
 from catforge.data.lmdb import LmdbDataset, write_lmdb
 from catforge.data.pickles import dumps_entry
-from catforge.modes import run
+from catforge.potential.checkpoint import load_checkpoint, save_checkpoint
 from tests.factories import SMALL_MODEL, data_overrides, graphs
 
 ROOT = Path(__file__).resolve().parents[1]

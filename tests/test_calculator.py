@@ -18,16 +18,16 @@ from ase.optimize import LBFGS
 
 from catforge.assemble.models import build_model, energy_field, load_potential
 from catforge.calculator import CatforgeCalculator
-from catforge.checkpoint import save_checkpoint
+from catforge.cli.modes import run
 from catforge.config import Config, RunOptions, load_config
 from catforge.data.atoms import fixed_mask, graph_to_atoms
 from catforge.data.graph import AtomicGraph
 from catforge.data.lmdb import LmdbDataset
 from catforge.errors import CheckpointError
 from catforge.models.forces import ModelOutput
-from catforge.modes import run
-from catforge.potential import Potential
-from catforge.targets import Normalizer, TargetTransform
+from catforge.potential.checkpoint import save_checkpoint
+from catforge.potential.targets import Normalizer, TargetTransform
+from catforge.potential.trained import Potential
 from tests.factories import SMALL_MODEL, emt_slab
 
 ROOT = Path(__file__).resolve().parents[1]

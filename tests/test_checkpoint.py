@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from catforge import checkpoint as checkpoint_module
-from catforge.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from catforge.data.samplers import ShardedBatchSampler
 from catforge.errors import CheckpointError
+from catforge.potential import checkpoint as checkpoint_module
+from catforge.potential.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from catforge.training.resume import (
     better_of,
     config_diff,

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from catforge.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from catforge.errors import CheckpointError
+from catforge.potential.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from catforge.training.resume import rng_state, set_rng_state, stored_best
 
 NOT_ALLOWED = "holds an object that is not allowed in a checkpoint"

@@ -68,7 +68,7 @@ def _train_argv(demo: Path, tmp_path: Path, *extra: str) -> list[str]:
 
 def test_override_with_a_separate_value_trains(demo: Path, tmp_path: Path) -> None:
     """``--optim.max_steps 2`` (as ``config show`` accepts it) works for ``--mode train``."""
-    from catforge import cli
+    from catforge.cli import main as cli
 
     assert cli.main(_train_argv(demo, tmp_path, "--optim.max_steps", "2", "--debug")) == 0
 
@@ -76,7 +76,7 @@ def test_override_with_a_separate_value_trains(demo: Path, tmp_path: Path) -> No
 def test_flags_that_would_be_ignored_are_reported(
     demo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from catforge import cli
+    from catforge.cli import main as cli
 
     argv = _train_argv(demo, tmp_path, "--optim.max_steps=1", "--num-gpus", "2", "--amp")
     assert cli.main([*argv, "--debug"]) == 0
@@ -88,7 +88,7 @@ def test_flags_that_would_be_ignored_are_reported(
 def test_resuming_a_finished_run_says_so(
     demo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from catforge import cli
+    from catforge.cli import main as cli
 
     assert cli.main(_train_argv(demo, tmp_path, "--optim.max_steps=2", "--timestamp-id=done")) == 0
     checkpoint = tmp_path / "checkpoints" / "done" / "checkpoint.pt"
@@ -103,7 +103,7 @@ def test_resuming_a_finished_run_says_so(
 def test_debug_writes_nothing_in_every_mode(demo: Path, tmp_path: Path) -> None:
     """``--debug`` has one meaning: no folders, logs, checkpoints or result files, in every
     mode (train, validate, predict, run-relaxations)."""
-    from catforge import cli
+    from catforge.cli import main as cli
     from tests.factories import SMALL_MODEL, data_overrides
 
     trained = tmp_path / "trained"

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from catforge.checkpoint import load_checkpoint
-from catforge.cli import main
-from catforge.preemption import RESUME_EXIT_CODE
+from catforge.cli.main import main
+from catforge.potential.checkpoint import load_checkpoint
+from catforge.runtime.preemption import RESUME_EXIT_CODE
 from tests.factories import SMALL_MODEL, data_overrides
 
 pytestmark = pytest.mark.distributed

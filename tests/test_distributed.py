@@ -1,8 +1,9 @@
-"""catforge.distributed: launcher detection, the backend rule, the single-process identities, and
-the collectives between two real gloo processes on the CPU."""
+"""catforge.runtime.distributed: launcher detection, the backend rule, the single-process
+identities, and the collectives between two real gloo processes on the CPU."""
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import time
@@ -15,9 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from catforge import distributed
-from catforge.distributed import DistributedEnv, choose_backend, detect, expand_hostlist
 from catforge.errors import CatforgeError, ConfigError
+from catforge.runtime import distributed
+from catforge.runtime.distributed import DistributedEnv, choose_backend, detect
+from catforge.runtime.hostlist import expand_hostlist
 
 SPAWN_TIMEOUT_S = 60.0  # the whole 2-process group, start-up included
 GROUP_TIMEOUT_S = 30.0  # init_process_group / collectives inside a child
@@ -263,6 +265,8 @@ def collectives_worker(rank: int, port: int, out: str) -> None:
             "MASTER_PORT": str(port),
         }
     )
+    os.environ.pop("RANK", None)  # a misleading Slurm task id: the group's rank must win
+    os.environ.update({**SLURM_TASK, "SLURM_PROCID": str(1 - rank)})
     device = distributed.setup(env, "auto", timeout_s=GROUP_TIMEOUT_S)
     try:
         summed = torch.tensor([1.0, 2.0]) * (rank + 1)
@@ -275,6 +279,7 @@ def collectives_worker(rank: int, port: int, out: str) -> None:
             "initialized": distributed.is_initialized(),
             "backend": dist.get_backend(),
             "rank": distributed.get_rank(),
+            "process_rank": distributed.process_rank(),
             "world_size": distributed.get_world_size(),
             "is_main": distributed.is_main(),
             "sum": summed.tolist(),
@@ -291,6 +296,7 @@ def collectives_worker(rank: int, port: int, out: str) -> None:
     finally:
         distributed.cleanup()
     results["after_cleanup"] = (distributed.is_initialized(), distributed.get_rank())
+    results["launcher_after_cleanup"] = distributed.process_rank()
     Path(out, f"rank{rank}.pkl").write_bytes(pickle.dumps(results))
 
 
@@ -314,6 +320,8 @@ def test_setup_and_cleanup_through_detect(two_ranks: list[dict[str, Any]]) -> No
         assert result["device"] == "cpu"
         assert (result["rank"], result["world_size"], result["is_main"]) == (rank, 2, rank == 0)
         assert result["after_cleanup"] == (False, 0)
+        assert result["process_rank"] == rank  # the group's, not SLURM_PROCID
+        assert result["launcher_after_cleanup"] == 1 - rank  # no group: the launcher's
 
 
 @pytest.mark.distributed
@@ -366,15 +374,45 @@ def test_a_failing_child_fails_the_test_instead_of_hanging() -> None:
     assert time.monotonic() - start < GROUP_TIMEOUT_S
 
 
+SLURM_TASK = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}
+
+
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({}, 0),
+        ({"RANK": "3", "WORLD_SIZE": "4"}, 3),
+        ({**SLURM_TASK, "RANK": "0"}, 0),  # torchrun inside an allocation: RANK wins
+        (SLURM_TASK, 1),
+        ({**SLURM_TASK, "SLURM_NTASKS": "1"}, 0),  # one task: a single process
+        ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, 0),  # no Slurm job
+    ],
+)
+def test_launcher_rank(env: dict[str, str], rank: int) -> None:
+    assert distributed.launcher_rank(env) == rank
+
+
+def test_launcher_rank_bad_integer_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="SLURM_PROCID='x' is not an integer"):
+        distributed.launcher_rank({**SLURM_TASK, "SLURM_PROCID": "x"})
+
+
 def test_progress_asks_the_one_rank_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Progress bars follow the process group's rank, not a launcher variable: under Slurm
-    (SLURM_PROCID, no RANK) a rank other than 0 shows none."""
+    """Under Slurm (SLURM_PROCID, no RANK) and before any process group, task 1 shows no bar;
+    its data rank (get_rank, with world size 1) stays 0."""
     import sys
 
-    from catforge import progress
+    from catforge.runtime import progress
 
     monkeypatch.delenv("RANK", raising=False)
+    for name, value in SLURM_TASK.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    assert progress.progress_enabled()
-    monkeypatch.setattr(distributed, "get_rank", lambda: 1)
+    assert not distributed.is_initialized()
+    assert distributed.process_rank() == 1
+    assert (distributed.get_rank(), distributed.get_world_size()) == (0, 1)
     assert not progress.progress_enabled()
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert distributed.process_rank() == 0
+    assert progress.progress_enabled()
+    assert not progress.progress_enabled(False)

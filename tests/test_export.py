@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from catforge.cli import main
+from catforge.cli.main import main
 from catforge.data.export import export_ocp
 from catforge.data.graph import AtomicGraph
 from catforge.data.lmdb import LmdbDataset, write_lmdb, write_shards

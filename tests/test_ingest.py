@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import lzma
 import shutil
+import sys
 from pathlib import Path
 
 import ase.db
@@ -21,6 +23,7 @@ from catforge.data.graph import AtomicGraph
 from catforge.data.ingest import format_stats_yaml, ingest
 from catforge.data.lmdb import LmdbDataset
 from catforge.errors import DataError
+from catforge.runtime import progress as progress_module
 from tests.factories import emt_slab
 
 # ase warns when writing the slabs' adsorbate_info (a dict) to extxyz; irrelevant here
@@ -195,6 +198,31 @@ def test_relaxation_fields(trajs: Path, tmp_path: Path, task: str) -> None:
         assert not np.allclose(first.positions, last.positions)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_progress_off_a_terminal_is_a_heartbeat_log(
+    trajs: Path,
+    tmp_path: Path,
+    workers: int,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Like every progress loop: no bar off a terminal, a log line per heartbeat (here each file),
+    and nothing with progress=False."""
+    monkeypatch.setattr(progress_module, "HEARTBEAT_SECONDS", 0.0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    with caplog.at_level(logging.INFO, logger=progress_module.__name__):
+        ingest([trajs], tmp_path / "a", "s2ef", workers=workers)
+        lines = [r.getMessage() for r in caplog.records if r.name == progress_module.__name__]
+        caplog.clear()
+        ingest([trajs], tmp_path / "b", "is2re", workers=workers, progress=False)
+        assert not [r for r in caplog.records if r.name == progress_module.__name__]
+    assert [line.split(",")[0] for line in lines] == [
+        "ingest s2ef: 1 of 3 (33%)",
+        "ingest s2ef: 2 of 3 (67%)",
+        "ingest s2ef: 3 of 3 (100%)",
+    ]
+
+
 def test_two_workers_write_the_same_entries(trajs: Path, tmp_path: Path) -> None:
     one = ingest([trajs], tmp_path / "one", "s2ef", workers=1, progress=False)
     two = ingest([trajs], tmp_path / "two", "s2ef", workers=2, progress=False)
@@ -241,8 +269,9 @@ def test_statistics_equal_numpy(trajs: Path, tmp_path: Path) -> None:
 def test_get_edges(trajs: Path, tmp_path: Path) -> None:
     from catforge.data.neighbors import with_edges
 
-    out = ingest([trajs / "plain.traj"], tmp_path / "e", "s2ef", get_edges=True, cutoff=4.0,
-                 max_neighbors=8).out  # fmt: skip
+    out = ingest(
+        [trajs / "plain.traj"], tmp_path / "e", "s2ef", get_edges=True, cutoff=4.0, max_neighbors=8
+    ).out
     for graph, atoms in zip(entries(out), read(trajs / "plain.traj"), strict=True):
         expected = with_edges(atoms_to_graph(atoms), 4.0, 8)
         assert graph.n_edges > 0
@@ -358,11 +387,11 @@ def _invalid_frames(tmp_path: Path, case: str) -> tuple[list[Path], str, str]:
 
 
 ERROR_CASES = [
-    "missing", "empty folder", "corrupt traj", "corrupt db", "no energy", "no forces",
-    "short txt", "long txt", "malformed txt", "nan positions", "no ref energy",
-    "db partial key", "mixed relaxation", "nan forces", "nan relaxed energy", "no atoms",
+    *("missing", "empty folder", "corrupt traj", "corrupt db", "no energy", "no forces"),
+    *("short txt", "long txt", "malformed txt", "nan positions", "no ref energy"),
+    *("db partial key", "mixed relaxation", "nan forces", "nan relaxed energy", "no atoms"),
     "atomic number 0",
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("case", ERROR_CASES)

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from catforge.errors import ConfigError
-from catforge.loggers import RunLogger, open_run_logger
 from catforge.registry import LOGGERS
+from catforge.runtime.loggers import RunLogger, open_run_logger
 
 RUN_ID = "2024-05-01-12-00-00-demo"
 MISSING = "logger: wandb needs the wandb package: pip install 'catforge[wandb]'"
@@ -214,8 +214,8 @@ def test_unknown_logger_lists_the_valid_names(tmp_path: Path) -> None:
 def test_training_with_logger_wandb_logs_and_resumes_one_run(
     demo: Path, tmp_path: Path, offline: Path
 ) -> None:
+    from catforge.cli.modes import run
     from catforge.config import RunOptions, load_config
-    from catforge.modes import run
     from tests.factories import SMALL_MODEL, data_overrides
 
     config = Path(__file__).resolve().parents[1] / "configs" / "demo" / "s2ef_schnet.yml"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from catforge.errors import ConfigError
-from catforge.metrics import (
+from catforge.potential.metrics import (
     ADWT_THRESHOLDS,
     METRIC_DIRECTIONS,
     PRIMARY_METRICS,

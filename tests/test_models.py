@@ -1,7 +1,7 @@
 """The suite every registered model passes: derivatives, invariances, batching, dtypes, state
 dicts and graphs, run on each name of :data:`catforge.registry.MODELS` with a tiny config.
 
-A model is composed as :func:`catforge.potential.build_model` composes it: the energy model,
+A model is composed as :func:`catforge.assemble.models.build_model` composes it: the energy model,
 its graph step ``EdgeBuilder(energy_model.graph_spec)`` and the forces wrapper. Model-specific
 tests live in ``test_schnet.py`` and ``test_pairwise.py``.
 """
@@ -34,7 +34,7 @@ from catforge.data.lmdb import LmdbDataset, write_lmdb
 from catforge.data.neighbors import with_edges
 from catforge.errors import ConfigError
 from catforge.models import EnergyModel, ForceModel, ModelOutput
-from catforge.potential import build_model
+from catforge.assemble.models import build_model
 from catforge.registry import MODELS
 from tests.factories import emt_slab, structures
 
@@ -78,7 +78,7 @@ class ModelCase:
 
 
 def compose(energy_model: Any, regress_forces: bool = True) -> ForceModel:
-    """Energy model + its graph step + forces, as :func:`catforge.potential.build_model`."""
+    """Energy model + its graph step + forces, as :func:`catforge.assemble.models.build_model`."""
     assert isinstance(energy_model, EnergyModel)
     edges = EdgeBuilder(energy_model.graph_spec)
     return ForceModel(energy_model, regress_forces, edges=edges)

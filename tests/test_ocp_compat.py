@@ -19,15 +19,15 @@ from ase.data import atomic_masses
 
 from catforge.assemble.training import loss_settings
 from catforge.assemble.training import schedule as build_schedule
-from catforge.checkpoint import load_checkpoint, load_weights
 from catforge.config import parse_config
 from catforge.data.atoms import atoms_to_graph
 from catforge.data.collate import collate
 from catforge.errors import CheckpointError, ConfigError
 from catforge.models.forces import ModelOutput
 from catforge.models.schnet import SchNet
+from catforge.potential.checkpoint import load_checkpoint, load_weights
+from catforge.potential.targets import TargetTransform
 from catforge.registry import DATASETS
-from catforge.targets import TargetTransform
 from catforge.training import losses
 from catforge.training.optim import build_optimizer
 from tests.factories import emt_slab
@@ -61,7 +61,7 @@ def test_ocp_schnet_checkpoint_with_the_atomic_mass_buffer_loads(caplog) -> None
     state["module.atomic_mass"] = torch.from_numpy(atomic_masses)  # float64, as PyG built it
     assert len(state) == 46 and state["module.atomic_mass"].shape == (119,)
     target = _small_schnet(1, num_interactions=3)
-    with caplog.at_level(logging.INFO, logger="catforge.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="catforge.potential.checkpoint"):
         load_weights(target, state, "ocp.pt")
     assert "ignored 'atomic_mass'" in caplog.text
     for key, value in source.state_dict().items():
@@ -100,7 +100,7 @@ def test_strict_load_false_loads_the_matching_keys_and_warns(caplog) -> None:
     kept = target.state_dict()["lin2.weight"].clone()
     with pytest.raises(CheckpointError, match=r"lin2\.weight' is missing"):
         load_weights(target, state, "ckpt.pt")
-    with caplog.at_level(logging.WARNING, logger="catforge.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="catforge.potential.checkpoint"):
         load_weights(target, state, "ckpt.pt", strict=False)
     assert "lin2.weight" in caplog.text and "head.extra" in caplog.text
     assert torch.equal(target.state_dict()["lin1.weight"], state["lin1.weight"])
@@ -115,7 +115,7 @@ def test_task_strict_load_reaches_prediction_models(tmp_path: Path) -> None:
     """``task.strict_load: False`` in a config loads a checkpoint with an extra key for
     predict, validate, relaxations and the calculator (all load through ``load_potential``)."""
     from catforge.assemble.models import load_potential
-    from catforge.checkpoint import save_checkpoint
+    from catforge.potential.checkpoint import save_checkpoint
 
     strict = parse_config(raw_config())
     relaxed = parse_config(raw_config(task={"strict_load": False}))
@@ -373,11 +373,11 @@ def test_ocp_oc22_schnet_config_trains_on_the_oc22_sample(
     real OC22 sample: total energies, oc22_lmdb, atomwisel2, warmup_steps -1."""
     import yaml
 
+    from catforge.cli.modes import run
     from catforge.config import RunOptions, load_config
     from catforge.data.graph import AtomicGraph
     from catforge.data.lmdb import write_lmdb
     from catforge.data.pickles import loads_pickle_file
-    from catforge.modes import run
 
     items = loads_pickle_file(shared_data / "oc22" / "oc22_pickle16_train.pkl")
     graphs = [AtomicGraph.from_fields(item, source="oc22") for item in items]

@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from catforge.assemble.models import build_model
-from catforge.checkpoint import save_checkpoint
+from catforge.cli.modes import run
 from catforge.config import Config, RunOptions, load_config
 from catforge.data.atoms import atoms_to_graph, graph_to_atoms
 from catforge.data.lmdb import LmdbDataset, write_lmdb
 from catforge.errors import ConfigError, DataError
 from catforge.models.forces import ForceModel
-from catforge.modes import run
-from catforge.potential import Potential
-from catforge.predict import Predictions, predict, write_predictions
-from catforge.targets import Normalizer, TargetTransform
+from catforge.potential.checkpoint import save_checkpoint
+from catforge.potential.targets import Normalizer, TargetTransform
+from catforge.potential.trained import Potential
+from catforge.prediction.predict import Predictions, predict, write_predictions
 from catforge.training.loaders import build_loader
 from tests.factories import SMALL_MODEL
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from catforge import cli
-from catforge.preemption import (
+from catforge.cli import main as cli
+from catforge.runtime.preemption import (
     INTERRUPT_EXIT_CODE,
     RESUME_EXIT_CODE,
     Preempted,
@@ -49,7 +49,7 @@ def test_ctrl_c_before_training_starts_exits_130_and_leaves_no_folders(
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("catforge.modes.training_run", interrupted)
+    monkeypatch.setattr("catforge.cli.modes.training_run", interrupted)
     argv = [
         "--mode", "train", "--config-yml", str(ROOT / "configs" / "demo" / "s2ef_schnet.yml"),
         *data_overrides(demo, "s2ef"), *SMALL_MODEL, "--optim.max_steps=2", "--cpu",

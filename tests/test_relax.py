@@ -17,12 +17,12 @@ from catforge.data.graph import AtomicGraph
 from catforge.data.lmdb import LmdbDataset
 from catforge.models.forces import ModelOutput
 from catforge.models.schnet import SchNet
-from catforge.potential import Potential
+from catforge.potential.targets import TargetTransform
+from catforge.potential.trained import Potential
 from catforge.relax.driver import Frame, FrameObserver, RelaxResult, RelaxSettings, relax
 from catforge.relax.forcefields import AseForceField, ForceField
 from catforge.relax.lbfgs import LBFGSSettings
 from catforge.relax.results import relaxation_metrics
-from catforge.targets import TargetTransform
 from tests.factories import emt_slab
 
 OCP_LBFGS = LBFGSSettings(maxstep=0.04, memory=50, damping=1.0, alpha=70.0)

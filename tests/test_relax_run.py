@@ -19,16 +19,16 @@ import torch
 from ase import Atoms
 from ase.io import read
 
-from catforge import progress as progress_module
 from catforge.assemble.models import build_model, load_potential
-from catforge.checkpoint import save_checkpoint
-from catforge.cli import main
+from catforge.cli.main import main
 from catforge.config import load_config
 from catforge.data.lmdb import LmdbDataset, write_lmdb
+from catforge.potential.checkpoint import save_checkpoint
+from catforge.potential.targets import Normalizer, TargetTransform
 from catforge.relax import run as relax_run
 from catforge.relax.driver import RelaxResult
 from catforge.relax.trajectory import LOCK_NAME
-from catforge.targets import Normalizer, TargetTransform
+from catforge.runtime import progress as progress_module
 from tests.factories import SMALL_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,10 +1,10 @@
 """Run-to-run reproducibility on CPU: fresh processes with 2 threads give identical bytes.
 
-The first parallel MKL vector-math call of a process can race (see :mod:`catforge.numerics`).
-The race is harmless where MKL's raw and table CPU ids agree (AMD CPUs) and hits in a fraction
-of runs elsewhere, so the tests also force it: ``vml_race.c``, preloaded, reports a raw id (9)
-that MKL maps to its AVX-512 kernels, as on recent Intel CPUs, and stretches the race window
-until the second thread always falls in.
+The first parallel MKL vector-math call of a process can race (see
+:mod:`catforge.runtime.numerics`). The race is harmless where MKL's raw and table CPU ids agree (AMD
+CPUs) and hits in a fraction of runs elsewhere, so the tests also force it: ``vml_race.c``,
+preloaded, reports a raw id (9) that MKL maps to its AVX-512 kernels, as on recent Intel CPUs, and
+stretches the race window until the second thread always falls in.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from catforge.assemble.models import build_model
-from catforge.checkpoint import save_checkpoint
 from catforge.config import load_config
-from catforge.targets import Normalizer, TargetTransform
+from catforge.potential.checkpoint import save_checkpoint
+from catforge.potential.targets import Normalizer, TargetTransform
 from tests.factories import SMALL_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from catforge.checkpoint import load_checkpoint, save_checkpoint
+from catforge.cli.modes import run
 from catforge.config import RunOptions, load_config
 from catforge.errors import CheckpointError
-from catforge.modes import run
+from catforge.potential.checkpoint import load_checkpoint, save_checkpoint
 from tests.factories import SMALL_MODEL, data_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

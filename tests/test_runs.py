@@ -10,7 +10,7 @@ import pytest
 
 from catforge.config import Config, ModelConfig, RunOptions
 from catforge.errors import ConfigError, OutputError
-from catforge.runs import RunPaths
+from catforge.runtime.runs import RunPaths
 
 NOW = datetime(2026, 1, 2, 3, 4, 5)
 
@@ -97,7 +97,7 @@ def test_predict_takes_its_run_id_when_it_starts(
     demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The results folder is named (and exists) before the predictions are computed."""
-    from catforge import modes
+    from catforge.cli import modes
     from catforge.config import load_config
 
     seen: list[str | None] = []

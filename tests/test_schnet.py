@@ -36,7 +36,7 @@ TINY: dict[str, Any] = {
 
 
 def wrap(energy_model: SchNet, regress_forces: bool = True) -> ForceModel:
-    """SchNet + its graph step + forces, as :func:`catforge.potential.build_model`."""
+    """SchNet + its graph step + forces, as :func:`catforge.assemble.models.build_model`."""
     return ForceModel(energy_model, regress_forces, edges=EdgeBuilder(energy_model.graph_spec))
 
 

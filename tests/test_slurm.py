@@ -1,5 +1,5 @@
-"""catforge.slurm: sweep grids, job argv, submitit parameters, the requeue protocol, and real jobs
-on submitit's local executor (no Slurm needed: sbatch is replaced by ``echo``)."""
+"""catforge.runtime.slurm: sweep grids, job specs, submitit parameters, the requeue protocol,
+and real jobs on submitit's local executor (no Slurm needed: sbatch is replaced by ``echo``)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ import yaml
 from submitit.core.job_environment import SignalHandler
 from submitit.slurm.slurm import SlurmExecutor
 
-from catforge import cli, slurm
+from catforge.cli import main as cli
 from catforge.config import RunOptions, parse_overrides
 from catforge.errors import CatforgeError, ConfigError
-from catforge.preemption import RESUME_EXIT_CODE
-from catforge.slurm import CatforgeJob, JobSpec
+from catforge.runtime import slurm
+from catforge.runtime.preemption import RESUME_EXIT_CODE
+from catforge.runtime.slurm import CatforgeJob, JobSpec
 from tests.factories import SMALL_MODEL, data_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

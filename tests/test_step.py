@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from catforge.data.collate import collate
 from catforge.data.graph import AtomicGraph
 from catforge.models.forces import ForceModel
-from catforge.targets import TargetTransform
+from catforge.potential.targets import TargetTransform
 from catforge.training.optim import LRSchedule
 from catforge.training.step import LossSettings, TrainParts, train_step
 

@@ -15,8 +15,8 @@ from catforge.data.collate import collate
 from catforge.data.graph import AtomicGraph
 from catforge.data.lmdb import LmdbDataset, write_lmdb
 from catforge.errors import ConfigError, DataError
-from catforge.targets import N_ELEMENTS, ElementReferences, Normalizer, TargetTransform
-from catforge.training.label_stats import fit_statistics
+from catforge.potential.label_stats import fit_statistics
+from catforge.potential.targets import N_ELEMENTS, ElementReferences, Normalizer, TargetTransform
 from tests.factories import emt_slab
 
 SLABS = [

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from catforge.checkpoint import load_checkpoint
+from catforge.cli.modes import run
 from catforge.config import RunOptions, load_config
 from catforge.data.lmdb import LmdbDataset
-from catforge.modes import run
+from catforge.potential.checkpoint import load_checkpoint
 from tests.factories import SMALL_MODEL, data_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from catforge.metrics import MetricTotals
+from catforge.potential.metrics import MetricTotals
 from catforge.training.losses import LossResult
 from catforge.training.window import MetricsWindow, timed
 

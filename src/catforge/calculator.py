@@ -29,7 +29,7 @@ from ase.calculators.calculator import Calculator, PropertyNotImplementedError, 
 
 from catforge.assemble.models import choose_device, load_potential
 from catforge.data.atoms import atoms_to_graph
-from catforge.potential import Potential
+from catforge.potential.trained import Potential
 
 
 class CatforgeCalculator(Calculator):

@@ -271,9 +271,12 @@ UNSUPPORTED_SCHEDULERS = ("MultiplicativeLR", "ChainedScheduler", "SequentialLR"
 LOGGERS = Table(
     "logger (logger)",
     {
-        "tensorboard": Entry("catforge.loggers:TensorBoardBackend", "TensorBoard"),
+        "tensorboard": Entry("catforge.runtime.loggers:TensorBoardBackend", "TensorBoard"),
         "wandb": Entry(
-            "catforge.wandb_logger:WandbBackend", "logger: wandb", package="wandb", extra="wandb"
+            "catforge.runtime.wandb_logger:WandbBackend",
+            "logger: wandb",
+            package="wandb",
+            extra="wandb",
         ),
     },
 )
@@ -282,10 +285,10 @@ LOGGERS = Table(
 MODES = Table(
     "mode (--mode)",
     {
-        "train": Entry("catforge.modes:train", "train a model"),
-        "validate": Entry("catforge.modes:validate", "metrics of a checkpoint on dataset.val"),
-        "predict": Entry("catforge.modes:predict", "predictions for dataset.test"),
-        "run-relaxations": Entry("catforge.modes:relax", "batched ML relaxations (IS2RS)"),
+        "train": Entry("catforge.cli.modes:train", "train a model"),
+        "validate": Entry("catforge.cli.modes:validate", "metrics of a checkpoint on dataset.val"),
+        "predict": Entry("catforge.cli.modes:predict", "predictions for dataset.test"),
+        "run-relaxations": Entry("catforge.cli.modes:relax", "batched ML relaxations (IS2RS)"),
     },
 )
 """The run modes of ``main.py --mode`` (``run_relaxations`` is accepted as the tutorial's

@@ -10,17 +10,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from catforge.checkpoint import load_checkpoint, load_weights
 from catforge.config import Config, parse_config
 from catforge.data.edges import EdgeBuilder
 from catforge.data.graph import AtomicGraph
 from catforge.data.graph_spec import GraphSpec
 from catforge.errors import CheckpointError, ConfigError
 from catforge.models.forces import ForceModel
-from catforge.potential import Potential, check_checkpoint_task
+from catforge.potential.checkpoint import load_checkpoint, load_weights
+from catforge.potential.label_stats import fit_statistics
+from catforge.potential.targets import ElementReferences, Normalizer, TargetTransform
+from catforge.potential.trained import Potential, check_checkpoint_task
 from catforge.registry import MODELS
-from catforge.targets import ElementReferences, Normalizer, TargetTransform
-from catforge.training.label_stats import fit_statistics
 
 log = logging.getLogger(__name__)
 

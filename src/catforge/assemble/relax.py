@@ -12,11 +12,11 @@ from catforge.assemble.models import load_potential
 from catforge.config import Config
 from catforge.data.graph import AtomicGraph
 from catforge.errors import ConfigError
-from catforge.potential import Potential
+from catforge.potential.trained import Potential
 from catforge.relax.driver import RelaxSettings
 from catforge.relax.lbfgs import LBFGSSettings
 from catforge.relax.run import RelaxJob
-from catforge.runs import RunPaths
+from catforge.runtime.runs import RunPaths
 
 
 def relax_settings(config: Config) -> RelaxSettings:

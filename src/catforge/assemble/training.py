@@ -16,16 +16,16 @@ from catforge.assemble.models import (
     fitted_transform,
     with_forces,
 )
-from catforge.checkpoint import load_checkpoint, load_weights
 from catforge.config import Config
 from catforge.data.samplers import ShardedBatchSampler, balance_weights
-from catforge.distributed import get_rank, get_world_size, is_main
 from catforge.errors import ConfigError
-from catforge.loggers import RunLogger, open_run_logger
-from catforge.metrics import metric_direction, primary_metric
 from catforge.models.forces import ForceModel
+from catforge.potential.checkpoint import load_checkpoint, load_weights
+from catforge.potential.metrics import metric_direction, primary_metric
 from catforge.registry import LOGGERS
-from catforge.runs import RunPaths
+from catforge.runtime.distributed import get_rank, get_world_size, is_main
+from catforge.runtime.loggers import RunLogger, open_run_logger
+from catforge.runtime.runs import RunPaths
 from catforge.training.checkpointer import Checkpointer
 from catforge.training.loaders import build_loader
 from catforge.training.optim import (

@@ -40,7 +40,7 @@ from catforge.data.staging import staged_output
 from catforge.data.stats import Moments, normalization_lines, s2ef_stats, target_stats, yaml_float
 from catforge.data.workers import init_worker, single_threaded_env, spawn_context
 from catforge.errors import ConfigError, DataError
-from catforge.progress import progress as progress_bar
+from catforge.runtime.progress import progress as progress_bar
 
 __all__ = [
     "SIZES",

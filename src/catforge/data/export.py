@@ -39,7 +39,7 @@ from catforge.data.graph import AtomicGraph
 from catforge.data.lmdb import LENGTH_KEY, LmdbDataset, lmdb_files
 from catforge.data.staging import staged_file, staged_output
 from catforge.errors import ConfigError, DataError
-from catforge.progress import progress as progress_bar
+from catforge.runtime.progress import progress as progress_bar
 
 __all__ = ["ExportSummary", "ExportedFile", "export_ocp", "ocp_fields"]
 

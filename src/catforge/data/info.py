@@ -24,7 +24,7 @@ from ase.data import chemical_symbols
 from catforge.data import keys
 from catforge.data.lmdb import BadEntry, LmdbDataset
 from catforge.data.stats import Moments, target_stats
-from catforge.progress import progress as progress_bar
+from catforge.runtime.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from catforge.data.staging import staged_output
 from catforge.data.stats import Moments, normalization_lines, s2ef_stats, target_stats
 from catforge.data.workers import init_worker, single_threaded_env, spawn_context
 from catforge.errors import ConfigError, DataError
-from catforge.progress import progress_bar
+from catforge.runtime.progress import ProgressCounter
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ def ingest(
     options = _Options(task, ref_energy, get_edges, cutoff, max_neighbors)
     may_replace = partial(_replaces_input, sources=sources)
     with staged_output(out, overwrite=overwrite, may_replace=may_replace) as tmp:
-        bar = _bar(len(sources), task, progress)
+        bar = ProgressCounter(len(sources), desc=f"ingest {task}", unit="file", enabled=progress)
         try:
             _reporter = bar.update
             with warnings.catch_warnings():
@@ -341,10 +341,6 @@ def ingest(
     )
     log.debug("%s: wrote %d entries to %s", task, summary.entries, out)  # the CLI prints it
     return summary
-
-
-def _bar(total: int, task: str, progress: bool) -> Any:
-    return progress_bar(total, desc=f"ingest {task}", unit="file", enabled=progress)
 
 
 def _ingest_s2ef(

@@ -48,7 +48,7 @@ from catforge.data.lmdb_store import (
 )
 from catforge.data.pickles import dumps_entry, loads_entry
 from catforge.errors import DataError
-from catforge.progress import progress
+from catforge.runtime.progress import progress
 
 log = logging.getLogger(__name__)
 

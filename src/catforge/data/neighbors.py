@@ -222,20 +222,16 @@ def select_edges(
 def _lexsort(keys: list[tuple[Array, int]]) -> Array:
     """Indices that sort lexicographically by ``keys``, most significant first (stable).
 
-    Each key is (array of integers in ``[0, bound)``, int64 or integral floats, bound).
-    Neighbouring keys are packed into one while they fit: on torch into int64 (usually one sort
-    runs); on numpy into 16-bit digits for ``np.lexsort``, which radix-sorts those (several times
-    faster than sorting int64).
+    Each key is (array of integers in ``[0, bound)``, int64 or integral floats, bound), all numpy
+    or all torch; the result is of the same kind.
     """
-    first = keys[0][0]
-    if isinstance(first, np.ndarray):
-        return _lexsort_numpy([(np.asarray(values), bound) for values, bound in keys])
-    return _lexsort_torch([(torch.as_tensor(values).long(), bound) for values, bound in keys])
+    if isinstance(keys[0][0], np.ndarray):
+        return _lexsort_numpy(keys)
+    return _lexsort_torch(keys)
 
 
-def _pack(keys: list[tuple[Array, int]], limit: int) -> list[tuple[Array, int]]:
-    """Neighbouring keys merged while the product of their bounds stays <= ``limit``; least
-    significant first."""
+def _pack_keys(keys: list[tuple[Array, int]], limit: int) -> list[tuple[Array, int]]:
+    """Adjacent keys merged while the product of bounds is <= ``limit``; least significant first."""
     packed: list[tuple[Array, int]] = []
     current, current_bound = keys[-1]
     for values, bound in reversed(keys[:-1]):
@@ -250,7 +246,8 @@ def _pack(keys: list[tuple[Array, int]], limit: int) -> list[tuple[Array, int]]:
 
 
 def _lexsort_torch(keys: list[tuple[Tensor, int]]) -> Tensor:
-    packed = _pack(keys, 2**62)
+    """:func:`_lexsort` on tensors: keys packed into int64, usually one stable sort."""
+    packed = _pack_keys([(values.long(), bound) for values, bound in keys], 2**62)
     order = torch.argsort(packed[0][0], stable=True)
     for key, _ in packed[1:]:
         order = order.index_select(0, torch.argsort(key.index_select(0, order), stable=True))
@@ -258,9 +255,11 @@ def _lexsort_torch(keys: list[tuple[Tensor, int]]) -> Tensor:
 
 
 def _lexsort_numpy(keys: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """:func:`_lexsort` on arrays: 16-bit digits for ``np.lexsort``, which radix-sorts those
+    (several times faster than sorting int64)."""
     limit = 2**16
     digits = []
-    for key, bound in _pack(keys, limit):
+    for key, bound in _pack_keys(keys, limit):
         if bound > limit:  # split a wide key into 16-bit digits
             key = key.astype(np.int64, copy=False)
             while bound > limit:

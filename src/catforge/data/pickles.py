@@ -194,29 +194,9 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
 
 
 _DTYPE_NAMES = (
-    "float64",
-    "float32",
-    "float16",
-    "bfloat16",
-    "int64",
-    "int32",
-    "int16",
-    "int8",
-    "uint8",
-    "uint16",
-    "uint32",
-    "uint64",
-    "bool",
-    "complex64",
-    "complex128",
-    "double",
-    "float",
-    "half",
-    "long",
-    "int",
-    "short",
-    "cfloat",
-    "cdouble",
+    *("float64", "float32", "float16", "bfloat16", "double", "float", "half", "bool"),
+    *("int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "long", "int"),
+    *("short", "complex64", "complex128", "cfloat", "cdouble"),
 )
 
 

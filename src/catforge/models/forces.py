@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from catforge.data.graph import AtomicGraph
 from catforge.data.graph_spec import GraphSpec
-from catforge.numerics import initialise_vector_math
+from catforge.runtime.numerics import initialise_vector_math
 
 if TYPE_CHECKING:
     from catforge.models import EnergyModel
@@ -59,7 +59,8 @@ class ForceModel(nn.Module):
         edges: Callable[[AtomicGraph], AtomicGraph] | None = None,
     ) -> None:
         super().__init__()
-        initialise_vector_math()  # before the model's first parallel sqrt/exp (catforge.numerics)
+        # before the model's first parallel sqrt/exp (catforge.runtime.numerics)
+        initialise_vector_math()
         self.energy_model = energy_model
         self.regress_forces = regress_forces
         self.edges = edges

@@ -29,7 +29,7 @@ from catforge.data.graph import AtomicGraph
 from catforge.data.graph_spec import GraphSpec
 from catforge.errors import ConfigError
 from catforge.models.layers import edge_displacements, safe_norm, scatter_sum
-from catforge.numerics import initialise_vector_math
+from catforge.runtime.numerics import initialise_vector_math
 
 N_ELEMENTS = 119
 """Rows of the per-element parameters: atomic numbers 0..118."""
@@ -65,7 +65,7 @@ class Morse(nn.Module):
                 "switch_width": switch_width,
             }
         )
-        initialise_vector_math()  # before the first parallel sqrt/exp (catforge.numerics)
+        initialise_vector_math()  # before the first parallel sqrt/exp (catforge.runtime.numerics)
         self.cutoff = float(cutoff)
         self.max_neighbors = max_neighbors
         self.use_pbc = use_pbc

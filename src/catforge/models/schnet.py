@@ -38,7 +38,7 @@ from catforge.models.layers import (
     scatter_sum,
     symmetric_pairs,
 )
-from catforge.numerics import initialise_vector_math
+from catforge.runtime.numerics import initialise_vector_math
 
 READOUTS = ("add", "sum", "mean")
 
@@ -132,7 +132,7 @@ class SchNet(nn.Module):
     ignored_checkpoint_keys: ClassVar[tuple[str, ...]] = ("atomic_mass",)
     """Keys of OCP checkpoints this model has no use for: ``atomic_mass`` (119,) is a buffer that
     torch_geometric < 2.2's SchNet registers (for its unused dipole option) and OCP-era
-    checkpoints carry; :func:`catforge.checkpoint.load_weights` drops it."""
+    checkpoints carry; :func:`catforge.potential.checkpoint.load_weights` drops it."""
 
     def __init__(
         self,
@@ -162,7 +162,7 @@ class SchNet(nn.Module):
                 "readout": readout,
             }
         )
-        initialise_vector_math()  # before the first parallel sqrt/exp (catforge.numerics)
+        initialise_vector_math()  # before the first parallel sqrt/exp (catforge.runtime.numerics)
         self.use_pbc = use_pbc
         self.otf_graph = otf_graph
         self.hidden_channels = hidden_channels

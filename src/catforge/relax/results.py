@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from catforge.atomic import write_json, write_npz
 from catforge.data.collate import collate
 from catforge.data.graph import AtomicGraph
 from catforge.errors import DataError
-from catforge.metrics import MetricTotals, energy_totals, relaxation_totals
+from catforge.potential.metrics import MetricTotals, energy_totals, relaxation_totals
 from catforge.relax.driver import RelaxResult
+from catforge.runtime.atomic import write_json, write_npz
 
 
 def system_id(graph: AtomicGraph, index: int) -> str:

@@ -7,11 +7,11 @@ refused rather than overwritten (see :mod:`catforge.relax.trajectory`). Results 
 ``results/<timestamp_id>/`` (see :mod:`catforge.relax.results`), metrics also to TensorBoard and
 ``metrics.jsonl``.
 
-A stop signal (SIGTERM, SIGINT, SIGUSR1/2: :mod:`catforge.preemption`) ends the relaxations after
-the current optimizer step: finished trajectories stay, unfinished ones are deleted, no result
-files are written, and :class:`~catforge.preemption.Preempted` says to rerun the same command.
-Off a terminal (no progress bar) a line of progress is logged at least every
-:data:`~catforge.progress.HEARTBEAT_SECONDS` (by rank 0, for its share under DDP).
+A stop signal (SIGTERM, SIGINT, SIGUSR1/2: :mod:`catforge.runtime.preemption`) ends the
+relaxations after the current optimizer step: finished trajectories stay, unfinished ones are
+deleted, no result files are written, and :class:`~catforge.runtime.preemption.Preempted` says
+to rerun the same command. Off a terminal (no progress bar) a line of progress is logged at least
+every :data:`~catforge.runtime.progress.HEARTBEAT_SECONDS` (by rank 0, for its share under DDP).
 """
 
 from __future__ import annotations
@@ -26,23 +26,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from catforge.atomic import write_json
 from catforge.data.graph import AtomicGraph
 from catforge.data.samplers import shard_start
-from catforge.distributed import (
-    all_reduce_sum,
-    broadcast_object,
-    gather_objects,
-    get_rank,
-    get_world_size,
-)
 from catforge.errors import ConfigError, DataError
-from catforge.loggers import RunLogger
-from catforge.metrics import format_metrics_table
 from catforge.models.forces import ModelOutput
-from catforge.potential import Potential
-from catforge.preemption import Preempted, StopRequest, signal_name, stop_requests
-from catforge.progress import Heartbeat, progress, progress_enabled
+from catforge.potential.metrics import format_metrics_table
+from catforge.potential.trained import Potential
 from catforge.relax.driver import RelaxResult, RelaxSettings, relax, without_edges
 from catforge.relax.results import (
     convergence_summary,
@@ -51,6 +40,17 @@ from catforge.relax.results import (
     write_relaxation_files,
 )
 from catforge.relax.trajectory import TrajectoryWriter
+from catforge.runtime.atomic import write_json
+from catforge.runtime.distributed import (
+    all_reduce_sum,
+    broadcast_object,
+    gather_objects,
+    get_rank,
+    get_world_size,
+)
+from catforge.runtime.loggers import RunLogger
+from catforge.runtime.preemption import Preempted, StopRequest, signal_name, stop_requests
+from catforge.runtime.progress import Heartbeat, progress, progress_enabled
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class _Stopped(Exception):
 class _Watched:
     """The potential as the driver's force field, called once per optimizer step: it ends the
     relaxations (:class:`_Stopped`) on a stop request and logs progress every
-    :data:`~catforge.progress.HEARTBEAT_SECONDS` when no progress bar is shown."""
+    :data:`~catforge.runtime.progress.HEARTBEAT_SECONDS` when no progress bar is shown."""
 
     def __init__(
         self, potential: Potential, stop: StopRequest, total: int, resumed: Sequence[RelaxResult]

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from catforge.checkpoint import save_checkpoint
-from catforge.distributed import is_main
+from catforge.potential.checkpoint import save_checkpoint
+from catforge.runtime.distributed import is_main
 from catforge.training.resume import better_of, rng_state, set_rng_state, stored_best
 from catforge.training.step import TrainParts
 

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from catforge.data.collate import collate
 from catforge.data.graph import AtomicGraph
 from catforge.data.samplers import ShardedEvalSampler
-from catforge.distributed import get_rank, get_world_size
-from catforge.preemption import HANDLED_SIGNALS
+from catforge.runtime.distributed import get_rank, get_world_size
+from catforge.runtime.preemption import HANDLED_SIGNALS
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from catforge.checkpoint import load_checkpoint
 from catforge.errors import CheckpointError
-from catforge.metrics import is_better
+from catforge.potential.checkpoint import load_checkpoint
+from catforge.potential.metrics import is_better
 
 log = logging.getLogger(__name__)
 

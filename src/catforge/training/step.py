@@ -16,11 +16,11 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from catforge.data.graph import AtomicGraph
-from catforge.distributed import all_reduce_sum
-from catforge.evaluate import output_totals
-from catforge.metrics import MetricTotals
 from catforge.models.forces import ForceModel, ModelOutput
-from catforge.targets import TargetTransform
+from catforge.potential.evaluate import output_totals
+from catforge.potential.metrics import MetricTotals
+from catforge.potential.targets import TargetTransform
+from catforge.runtime.distributed import all_reduce_sum
 from catforge.training.losses import LossResult, energy_force_loss
 from catforge.training.optim import ExponentialMovingAverage, LRSchedule, clip_gradients
 

@@ -17,13 +17,13 @@ from torch.utils.data import DataLoader
 
 from catforge.data.graph import AtomicGraph
 from catforge.data.samplers import ShardedBatchSampler, epoch_seed
-from catforge.distributed import all_reduce_max, barrier, broadcast_object, gather_objects
 from catforge.errors import DataError
-from catforge.evaluate import evaluate
-from catforge.loggers import RunLogger
-from catforge.metrics import format_metrics_table, is_better
-from catforge.preemption import Preempted, StopRequest, signal_name
-from catforge.progress import Heartbeat, progress_bar, progress_enabled
+from catforge.potential.evaluate import evaluate
+from catforge.potential.metrics import format_metrics_table, is_better
+from catforge.runtime.distributed import all_reduce_max, barrier, broadcast_object, gather_objects
+from catforge.runtime.loggers import RunLogger
+from catforge.runtime.preemption import Preempted, StopRequest, signal_name
+from catforge.runtime.progress import Heartbeat, progress_bar, progress_enabled
 from catforge.training.checkpointer import Checkpointer, TrainState
 from catforge.training.loaders import worker_error_message
 from catforge.training.step import TrainParts, train_step
@@ -60,9 +60,9 @@ class Trainer:
     Under DDP (``parts.world_size > 1``) every rank trains its share of each global batch;
     losses are normalised by the global counts (so the result equals one process with the global
     batch), and only rank 0 writes checkpoints. A stop request (:meth:`train`'s ``stop``) ends
-    training after the current step with a checkpoint (:mod:`catforge.preemption`); so does a
-    bad data entry, before its error is raised, so that the run can resume once the entry is
-    fixed or skipped.
+    training after the current step with a checkpoint (:mod:`catforge.runtime.preemption`); so
+    does a bad data entry, before its error is raised, so that the run can resume once the entry
+    is fixed or skipped.
     """
 
     def __init__(
@@ -99,8 +99,8 @@ class Trainer:
     def train(self, stop: StopRequest | None = None) -> dict[str, float]:
         """Run to ``max_steps``/``max_epochs``; return the last validation metrics.
 
-        ``stop`` (from :func:`catforge.preemption.stop_requests`) ends the run after the
-        current step with a checkpoint, raising :class:`~catforge.preemption.Preempted`.
+        ``stop`` (from :func:`catforge.runtime.preemption.stop_requests`) ends the run after the
+        current step with a checkpoint, raising :class:`~catforge.runtime.preemption.Preempted`.
         """
         self.stop = stop or self.stop
         if self.state.step >= self.total_steps:

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
-from catforge.metrics import MetricTotals
+from catforge.potential.metrics import MetricTotals
 from catforge.training.losses import LossResult
 
 Batch = TypeVar("Batch")

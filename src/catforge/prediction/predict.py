@@ -30,13 +30,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from catforge.atomic import write_json, write_npz
 from catforge.data.graph import AtomicGraph
 from catforge.data.samplers import shard_start
-from catforge.distributed import gather_objects, get_rank, get_world_size
 from catforge.errors import ConfigError, DataError
-from catforge.potential import Potential
-from catforge.progress import progress
+from catforge.potential.trained import Potential
+from catforge.runtime.atomic import write_json, write_npz
+from catforge.runtime.distributed import gather_objects, get_rank, get_world_size
+from catforge.runtime.progress import progress
 
 Task = Literal["is2re", "s2ef"]
 Dtype = Literal["float32", "float16"]

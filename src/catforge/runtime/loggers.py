@@ -3,12 +3,12 @@ process only.
 
 :func:`open_run_logger` opens the logger a config names (``logger:``, see
 :data:`catforge.registry.LOGGERS`). Files are created by the first record, so a run that fails
-before logging anything leaves no empty event file behind. A resumed run (``resume_step``)
-continues the same logs without duplicates: JSONL records past the checkpoint's step (written
-after it, then lost with the interrupted run) are dropped from ``metrics.jsonl`` when the file is
-opened, TensorBoard hides its events from that step on (``SummaryWriter(purge_step=...)``) and
-W&B continues the same run (:mod:`catforge.wandb_logger`). Each record carries its ``step``, so
-readers can also tell the steps apart themselves.
+before logging anything leaves no empty event file behind. A resumed run (``resume_step``) continues
+the same logs without duplicates: JSONL records past the checkpoint's step (written after it, then
+lost with the interrupted run) are dropped from ``metrics.jsonl`` when the file is opened,
+TensorBoard hides its events from that step on (``SummaryWriter(purge_step=...)``) and W&B continues
+the same run (:mod:`catforge.runtime.wandb_logger`). Each record carries its ``step``, so readers
+can also tell the steps apart themselves.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Protocol
 
-from catforge.atomic import write_bytes
 from catforge.registry import LOGGERS
+from catforge.runtime.atomic import write_bytes
 
 
 class ScalarBackend(Protocol):

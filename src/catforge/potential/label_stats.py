@@ -15,8 +15,8 @@ from torch import Tensor
 from catforge.data.graph import AtomicGraph, check_atomic_numbers
 from catforge.data.stats import Moments
 from catforge.errors import ConfigError, DataError
-from catforge.progress import progress as progress_bar
-from catforge.targets import N_ELEMENTS, TARGET_FIELDS, ElementReferences
+from catforge.potential.targets import N_ELEMENTS, TARGET_FIELDS, ElementReferences
+from catforge.runtime.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
 """The one progress helper: a tqdm bar on an interactive main process, log lines elsewhere.
 
 Off a terminal (a batch job, a pipe) a bar would be noise, but a silent terminal for minutes
-looks like a hang: :func:`progress` then logs one line at least every
-:data:`HEARTBEAT_SECONDS` (``"predict: 1200 of 5000 (24%), 38.1/s"``), and loops that draw their
-own bar use :class:`Heartbeat` for the same rhythm.
+looks like a hang: :func:`progress` (over an iterable) and :class:`ProgressCounter` (advanced
+by hand) then log one line at most every :data:`HEARTBEAT_SECONDS` as items complete
+(``"predict: 1200 of 5000 (24%), 38.1/s"``); loops that draw their own bar use
+:class:`Heartbeat` for the same rhythm.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TypeVar
 
 from tqdm import tqdm
 
-from catforge.distributed import is_main
+from catforge.runtime.distributed import process_rank
 
 T = TypeVar("T")
 HEARTBEAT_SECONDS = 30.0
@@ -25,9 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def progress_enabled(requested: bool = True) -> bool:
-    """Show bars only when asked, on rank 0 (:func:`catforge.distributed.is_main`, the one rank
-    source), and when stderr is a terminal."""
-    return requested and is_main() and sys.stderr.isatty()
+    """Show bars only when asked, on rank 0 (:func:`~catforge.runtime.distributed.process_rank`:
+    the process group's rank, else the launcher's) and when stderr is a terminal."""
+    return requested and process_rank() == 0 and sys.stderr.isatty()
 
 
 class Heartbeat:
@@ -93,6 +94,33 @@ def progress(
     for count, item in enumerate(items, start=1):
         yield item
         if heartbeat.due():
-            share = f" ({100 * count / total:.0f}%)" if total else ""
-            of = f" of {total}" if total is not None else ""
-            log.info("%s: %d%s%s, %.3g/s", desc, count, of, share, heartbeat.rate(count))
+            _log_progress(desc, count, total, heartbeat.rate(count))
+
+
+class ProgressCounter:
+    """A count advanced by hand (``update(n)``, e.g. from callbacks) with the rules of
+    :func:`progress`: a tqdm bar where :func:`progress_enabled` says, else a heartbeat log line;
+    nothing at all with ``enabled=False``. Call :meth:`close` when done."""
+
+    def __init__(self, total: int, *, desc: str, unit: str = "it", enabled: bool = True) -> None:
+        self.total, self.desc, self.count = total, desc, 0
+        self._bar = progress_bar(total, desc=desc, unit=unit, enabled=enabled)
+        self._heartbeat = Heartbeat() if enabled and self._bar.disable else None
+
+    def update(self, n: int = 1) -> None:
+        """``n`` more items done."""
+        self.count += n
+        self._bar.update(n)
+        if self._heartbeat is not None and self._heartbeat.due():
+            _log_progress(self.desc, self.count, self.total, self._heartbeat.rate(self.count))
+
+    def close(self) -> None:
+        """Close the bar (a no-op when none is shown)."""
+        self._bar.close()
+
+
+def _log_progress(desc: str, count: int, total: int | None, rate: float) -> None:
+    """One heartbeat line: ``"predict: 1200 of 5000 (24%), 38.1/s"``."""
+    share = f" ({100 * count / total:.0f}%)" if total else ""
+    of = f" of {total}" if total is not None else ""
+    log.info("%s: %d%s%s, %.3g/s", desc, count, of, share, rate)

@@ -17,7 +17,7 @@ import torch
 from catforge.data.graph import AtomicGraph
 from catforge.errors import CheckpointError
 from catforge.models.forces import ForceModel, ModelOutput
-from catforge.targets import TargetTransform
+from catforge.potential.targets import TargetTransform
 
 TASK_OF_TRAINER = {
     "energy": "IS2RE (relaxed energies, trainer: energy)",

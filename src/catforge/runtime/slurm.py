@@ -13,13 +13,13 @@ Requeue. submitit asks Slurm for ``--signal=USR2@90`` (USR2 90 s before the time
 the job, handles USR2 by calling :meth:`CatforgeJob.checkpoint` (on the task of global rank 0),
 pickling the :class:`~submitit.helpers.DelayedSubmission` it returns as the job's new input,
 running ``scontrol requeue`` and exiting; SIGTERM is only logged. A training run also catches
-USR2 and SIGTERM (:mod:`catforge.preemption`): it finishes the current step, writes
+USR2 and SIGTERM (:mod:`catforge.runtime.preemption`): it finishes the current step, writes
 ``checkpoint.pt`` and then hands the signal to the handler it displaced. For USR2 that is
 submitit's, which requeues the job with argv that resume from that checkpoint. SIGTERM, which
-submitit only logs, ends the command with :data:`~catforge.preemption.RESUME_EXIT_CODE`; when
-that happens within 10 minutes of the job's time limit, :class:`CatforgeJob` requeues it through
-submitit's handler too. A rerun
-for any other reason (Slurm's own requeue of a preempted job) also resumes: :class:`CatforgeJob`
+submitit only logs, ends the command with
+:data:`~catforge.runtime.preemption.RESUME_EXIT_CODE`; when that happens within 10 minutes of the
+job's time limit, :class:`CatforgeJob` requeues it through submitit's handler too. A rerun for
+any other reason (Slurm's own requeue of a preempted job) also resumes: :class:`CatforgeJob`
 sets ``checkpoint`` whenever its run's ``checkpoint.pt`` exists.
 """
 
@@ -44,8 +44,8 @@ from submitit.helpers import DelayedSubmission
 from catforge.config import RunOptions, load_config
 from catforge.config.load import read_yaml
 from catforge.errors import CatforgeError, ConfigError
-from catforge.preemption import RESUME_EXIT_CODE
-from catforge.runs import FOLDERS, MODE_FOLDERS, RunPaths
+from catforge.runtime.preemption import RESUME_EXIT_CODE
+from catforge.runtime.runs import FOLDERS, MODE_FOLDERS, RunPaths
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ class CatforgeJob(submitit.helpers.Checkpointable):
 
     def __call__(self, spec: JobSpec) -> int:
         """Run ``spec`` in this job; returns the command's exit status (0, or
-        :data:`~catforge.preemption.RESUME_EXIT_CODE` when stopped by a signal and not
+        :data:`~catforge.runtime.preemption.RESUME_EXIT_CODE` when stopped by a signal and not
         requeued).
 
         The run resumes from its own ``checkpoint.pt`` when that exists (a rerun of the job),
@@ -214,9 +214,9 @@ def job_num_tasks() -> int:
 def _requeue_near_time_limit(time_limit_s: float, started: float) -> None:
     """After a run stopped on a signal and wrote its checkpoint: requeue as submitit would.
 
-    The run's own handler (:mod:`catforge.preemption`) took the signal from submitit's, so it is
-    not known which signal it was. Within :data:`TIME_LIMIT_WINDOW_S` of the job's time limit
-    the stop was the time-limit warning: call submitit's handler, which (on rank 0) calls
+    The run's own handler (:mod:`catforge.runtime.preemption`) took the signal from submitit's,
+    so it is not known which signal it was. Within :data:`TIME_LIMIT_WINDOW_S` of the job's time
+    limit the stop was the time-limit warning: call submitit's handler, which (on rank 0) calls
     :meth:`CatforgeJob.checkpoint`, pickles the result, runs ``scontrol requeue`` and exits.
     Earlier it was a preemption or ``scancel``: leave it to Slurm (a rerun resumes).
     """
@@ -370,7 +370,7 @@ def _claim_run(spec: JobSpec, now: datetime) -> JobSpec:
 def _check_layout(options: RunOptions) -> None:
     """Several GPUs or nodes need ``--distributed`` (one task per GPU): a single task would
     compute a world size of ``nodes * num_gpus`` from the Slurm env and wait for ranks that
-    never start (:func:`catforge.distributed.detect`)."""
+    never start (:func:`catforge.runtime.distributed.detect`)."""
     if not options.distributed and (options.num_nodes > 1 or options.num_gpus > 1):
         raise ConfigError(
             f"--submit with --num-nodes {options.num_nodes} --num-gpus {options.num_gpus} needs "

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from catforge.errors import CatforgeError, ConfigError
-from catforge.preemption import INTERRUPT_EXIT_CODE
+from catforge.runtime.preemption import INTERRUPT_EXIT_CODE
 
 if TYPE_CHECKING:
     from catforge.config import Config, RunOptions
-    from catforge.slurm import JobSpec
+    from catforge.runtime.slurm import JobSpec
 
 log = logging.getLogger("catforge")
 
@@ -145,7 +145,7 @@ def run_ocp_command(argv: Sequence[str]) -> int:
     options = RunOptions.from_namespace(args)
     check_flags(options)
     if options.submit:
-        from catforge.slurm import JobSpec, submit
+        from catforge.runtime.slurm import JobSpec, submit
 
         config = load_config(args.config_yml, extra, options)  # check it before submitting
         spec = JobSpec(args.config_yml, options, tuple(extra), args.verbose)
@@ -155,7 +155,7 @@ def run_ocp_command(argv: Sequence[str]) -> int:
 
 
 def run_job(spec: JobSpec) -> int:
-    """The entry of a Slurm job (:mod:`catforge.slurm`): run ``spec`` as :func:`main` runs a
+    """The entry of a Slurm job (:mod:`catforge.runtime.slurm`): run ``spec`` as :func:`main` runs a
     command line, with the same exit statuses and one-line errors."""
     from catforge.config import load_config
 
@@ -170,12 +170,12 @@ def run_job(spec: JobSpec) -> int:
 def _run_in_process_group(options: RunOptions, make_config: Callable[[], Config]) -> int:
     """Join the process group when launched as one of several processes, run, leave.
 
-    A run stopped by a signal exits with :func:`catforge.preemption.exit_status` after saving
-    its work.
+    A run stopped by a signal exits with :func:`catforge.runtime.preemption.exit_status` after
+    saving its work.
     """
-    from catforge import distributed
-    from catforge.modes import run
-    from catforge.preemption import Preempted
+    from catforge.cli.modes import run
+    from catforge.runtime import distributed
+    from catforge.runtime.preemption import Preempted
 
     env = distributed.detect(options.local_rank, options.distributed_port, options.num_gpus)
     if options.distributed and env.launcher == "single":

@@ -18,8 +18,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from catforge.distributed import broadcast_object, is_main
 from catforge.errors import CatforgeError, ConfigError, OutputError
+from catforge.runtime.distributed import broadcast_object, is_main
 
 if TYPE_CHECKING:
     from catforge.config import Config

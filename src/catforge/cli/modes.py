@@ -1,7 +1,7 @@
 """The run modes of ``main.py --mode``: short functions over objects the assembly builds.
 
-:func:`run` reserves the run folders first (:meth:`catforge.runs.RunPaths.reserve`: a unique id
-taken at the start), stores the id in ``config.options.timestamp_id``, decides the device once,
+:func:`run` reserves the run folders first (:meth:`catforge.runtime.runs.RunPaths.reserve`: a unique
+id taken at the start), stores the id in ``config.options.timestamp_id``, decides the device once,
 and calls the mode named in :data:`catforge.registry.MODES`; a mode that fails before writing
 anything removes the folders it created.
 """
@@ -21,19 +21,19 @@ from catforge.assemble.data import evaluation_loader, open_split
 from catforge.assemble.models import choose_device, load_potential, with_forces
 from catforge.assemble.relax import relax_job, relax_potential, relax_structures
 from catforge.assemble.training import training_run
-from catforge.atomic import write_json
-from catforge.checkpoint import load_checkpoint
 from catforge.config import Config
-from catforge.distributed import is_main
 from catforge.errors import CheckpointError, ConfigError
-from catforge.evaluate import evaluate
-from catforge.metrics import format_metrics_table
-from catforge.potential import check_checkpoint_task
-from catforge.predict import predict_to_files
-from catforge.preemption import stop_requests
+from catforge.potential.checkpoint import load_checkpoint
+from catforge.potential.evaluate import evaluate
+from catforge.potential.metrics import format_metrics_table
+from catforge.potential.trained import check_checkpoint_task
+from catforge.prediction.predict import predict_to_files
 from catforge.registry import MODES
 from catforge.relax.run import run_relaxations
-from catforge.runs import RunPaths
+from catforge.runtime.atomic import write_json
+from catforge.runtime.distributed import is_main
+from catforge.runtime.preemption import stop_requests
+from catforge.runtime.runs import RunPaths
 from catforge.training.resume import report_config_diff
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def train(config: Config, context: RunContext) -> dict[str, float]:
     With ``--checkpoint CKPT`` (``context.resume``) the run continues exactly where CKPT
     stopped, in the same run folders; ``optim.init_from`` starts a new run from a checkpoint's
     weights only. Ctrl-C or a cluster's stop signal ends training after the current step with a
-    checkpoint (:mod:`catforge.preemption`).
+    checkpoint (:mod:`catforge.runtime.preemption`).
     """
     paths = context.paths
     run = training_run(config, paths, context.device, context.resume)

@@ -26,8 +26,8 @@ try:
 except ImportError:  # numpy < 2
     from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
 
-from catforge.atomic import atomic_write
 from catforge.errors import CheckpointError
+from catforge.runtime.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

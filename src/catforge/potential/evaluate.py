@@ -8,11 +8,16 @@ import torch
 from torch import Tensor
 
 from catforge.data.graph import AtomicGraph
-from catforge.distributed import all_reduce_sum, broadcast_object, gather_objects, get_world_size
-from catforge.metrics import MetricTotals, energy_totals, force_totals
 from catforge.models.forces import ForceModel
-from catforge.progress import progress
-from catforge.targets import TargetTransform
+from catforge.potential.metrics import MetricTotals, energy_totals, force_totals
+from catforge.potential.targets import TargetTransform
+from catforge.runtime.distributed import (
+    all_reduce_sum,
+    broadcast_object,
+    gather_objects,
+    get_world_size,
+)
+from catforge.runtime.progress import progress
 
 
 def batch_totals(

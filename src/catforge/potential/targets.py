@@ -27,7 +27,7 @@ from catforge.data.graph import AtomicGraph
 from catforge.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from catforge.training.label_stats import Stats
+    from catforge.potential.label_stats import Stats
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ Launchers (:func:`detect` reads them from the environment, in this order):
   ``local_rank = SLURM_LOCALID`` and ``world_size = SLURM_NTASKS``. ``nodes`` is
   ``SLURM_STEP_NUM_NODES``, ``SLURM_JOB_NUM_NODES`` or ``SLURM_NNODES`` (first one set). The
   rendezvous host is the first host of ``SLURM_STEP_NODELIST`` (else ``SLURM_JOB_NODELIST``),
-  expanded here from Slurm's compressed form (``node[01-03,07]``, no ``scontrol``); the port is
-  ``--distributed-port``.
+  expanded from Slurm's compressed form (``node[01-03,07]``) by
+  :mod:`catforge.runtime.hostlist`; the port is ``--distributed-port``.
 - Nothing of the above: one process (rank 0 of 1, ``"single"``).
 
 Backend rule (:func:`choose_backend`): ``auto`` (the default) is ``nccl`` when CUDA is available,
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import datetime
 import difflib
-import itertools
 import logging
 import os
 import re
@@ -45,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from catforge.errors import CatforgeError, ConfigError
+from catforge.runtime.hostlist import expand_hostlist
 
 log = logging.getLogger(__name__)
 
@@ -180,59 +180,6 @@ def _int(env: Mapping[str, str], name: str) -> int:
         raise ConfigError(f"environment variable {name}={env[name]!r} is not an integer") from e
 
 
-_HOST = re.compile(r"(?:[^,\[]|\[[^\]]*\])+")
-_GROUP = re.compile(r"\[([^\]]*)\]")
-
-
-def expand_hostlist(hostlist: str) -> list[str]:
-    """Every host of a Slurm host list, in order: ``"node[01-03,07],gpu5"`` ->
-    ``["node01", "node02", "node03", "node07", "gpu5"]``.
-
-    Ranges keep the zero padding of their lower bound; several bracket groups in one name
-    (``"r[1-2]n[1-2]"``) expand as their product. Raises ValueError on a malformed list.
-    """
-    text = hostlist.strip()
-    hosts: list[str] = []
-    position = 0
-    for match in _HOST.finditer(text):
-        if text[position : match.start()] not in ("", ","):
-            raise ValueError(f"cannot parse host list {hostlist!r}")
-        position = match.end()
-        hosts.extend(_expand_host(match.group(), hostlist))
-    if text[position:] not in ("", ",") or not hosts:
-        raise ValueError(f"cannot parse host list {hostlist!r}")
-    return hosts
-
-
-def _expand_host(pattern: str, hostlist: str) -> list[str]:
-    """One comma-free item: literal parts between bracket groups, each group a list of ranges."""
-    literals = _GROUP.split(pattern)  # [text, group, text, group, ..., text]
-    choices: list[list[str]] = []
-    for index, part in enumerate(literals):
-        if index % 2 == 0:
-            if "[" in part or "]" in part:
-                raise ValueError(f"unbalanced brackets in host list {hostlist!r}")
-            choices.append([part])
-        else:
-            choices.append(_expand_ranges(part, hostlist))
-    return ["".join(parts) for parts in itertools.product(*choices)]
-
-
-def _expand_ranges(group: str, hostlist: str) -> list[str]:
-    values: list[str] = []
-    for item in group.split(","):
-        low, dash, high = item.strip().partition("-")
-        if not low.isdigit() or (dash and not high.isdigit()):
-            raise ValueError(f"bad range {item!r} in host list {hostlist!r}")
-        if not dash:
-            values.append(low)
-            continue
-        if int(high) < int(low):
-            raise ValueError(f"descending range {item!r} in host list {hostlist!r}")
-        values.extend(str(n).zfill(len(low)) for n in range(int(low), int(high) + 1))
-    return values
-
-
 def choose_backend(requested: str | None, cuda: bool) -> str:
     """The process-group backend: None/``"auto"`` -> ``"nccl"`` with CUDA, else ``"gloo"``.
 
@@ -324,8 +271,34 @@ def is_initialized() -> bool:
 
 
 def get_rank() -> int:
-    """This process's rank; 0 without a process group."""
+    """This process's rank in the process group; 0 without one (pairs with :func:`get_world_size`
+    for sharding; :func:`process_rank` also reads the launcher)."""
     return dist.get_rank() if is_initialized() else 0
+
+
+def process_rank() -> int:
+    """This process's rank for deciding what it shows (progress bars): the process group's when
+    one is initialised, else the launcher's (:func:`launcher_rank`), so every rank of a starting
+    or group-less run knows whether it is rank 0.
+
+    Unlike :func:`get_rank` it can be non-zero without a process group (a Slurm task run without
+    ``--distributed`` is rank 0 of 1 for its data), so shard with :func:`get_rank` and
+    :func:`get_world_size`, not with this.
+    """
+    return dist.get_rank() if is_initialized() else launcher_rank()
+
+
+def launcher_rank(env: Mapping[str, str] | None = None) -> int:
+    """The rank the launcher gave this process (``os.environ`` by default): ``RANK`` (torchrun,
+    launch), else ``SLURM_PROCID`` in a Slurm job of several tasks (``SLURM_JOB_ID`` set,
+    ``SLURM_NTASKS`` > 1), else 0. Raises ConfigError when the variable is not an integer."""
+    env = os.environ if env is None else env
+    if "RANK" in env:
+        return _int(env, "RANK")
+    slurm = "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env
+    if slurm and _int(env, "SLURM_NTASKS") > 1:
+        return _int(env, "SLURM_PROCID")
+    return 0
 
 
 def get_world_size() -> int:

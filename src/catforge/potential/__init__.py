@@ -1,0 +1,1 @@
+"""A trained potential and how it is measured: label transforms, metrics, checkpoints."""

@@ -1,0 +1,1 @@
+"""``--mode predict``: predictions of a test set, written in OCP's formats."""

@@ -1,0 +1,1 @@
+"""Runtime pieces beside the layers: processes, signals, run folders, logs, progress, Slurm."""
