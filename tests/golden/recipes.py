@@ -12,8 +12,10 @@ import json
 import os
 import pickle
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -134,14 +136,19 @@ def read_entries(path: Path) -> list[dict[str, np.ndarray]]:
     """Every entry of an LMDB file, or of a folder of ``*.lmdb`` shards, in key order."""
     files = sorted(path.glob("*.lmdb")) if path.is_dir() else [path]
     entries = []
-    for file in files:
-        env = lmdb.open(str(file), subdir=False, readonly=True, lock=False)
-        try:
-            with env.begin() as txn:
-                values = {int(key): value for key, value in txn.cursor() if key.isdigit()}
-                entries += [pickle.loads(values[index]) for index in sorted(values)]
-        finally:
-            env.close()
+    with tempfile.TemporaryDirectory() as scratch:
+        for file in files:
+            # A copy: LMDB refuses a second open of a file this process already has open
+            # (the dataset readers of other tests in the same worker may hold it).
+            copy = Path(scratch) / file.name
+            shutil.copyfile(file, copy)
+            env = lmdb.open(str(copy), subdir=False, readonly=True, lock=False)
+            try:
+                with env.begin() as txn:
+                    values = {int(key): value for key, value in txn.cursor() if key.isdigit()}
+                    entries += [pickle.loads(values[index]) for index in sorted(values)]
+            finally:
+                env.close()
     return entries
 
 
