@@ -175,7 +175,7 @@ def test_choose_backend_nccl_without_cuda() -> None:
 
 
 def test_choose_backend_unknown_name() -> None:
-    with pytest.raises(ConfigError, match="did you mean 'gloo'"):
+    with pytest.raises(ConfigError, match=r"\(--distributed-backend\) 'glo'\. Did you mean"):
         choose_backend("glo", cuda=False)
 
 

@@ -32,7 +32,6 @@ logs, metrics, predictions); the other ranks send their results to it with :func
 from __future__ import annotations
 
 import datetime
-import difflib
 import logging
 import os
 import re
@@ -44,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from catforge.errors import CatforgeError, ConfigError
+from catforge.registry import unknown_name
 from catforge.runtime.hostlist import expand_hostlist
 
 log = logging.getLogger(__name__)
@@ -188,11 +188,7 @@ def choose_backend(requested: str | None, cuda: bool) -> str:
     """
     name = "auto" if requested is None else requested.strip().lower()
     if name not in BACKENDS:
-        close = difflib.get_close_matches(name, BACKENDS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(
-            f"--distributed-backend {requested!r} is not one of {', '.join(BACKENDS)}{hint}"
-        )
+        raise unknown_name(str(requested), BACKENDS, "backend (--distributed-backend)")
     if name == "auto":
         return "nccl" if cuda else "gloo"
     if name == "nccl" and not cuda:

@@ -73,16 +73,14 @@ class RunPaths:
 
     @classmethod
     def for_config(cls, config: Config, timestamp_id: str | None = None) -> RunPaths:
-        """The folders of run ``timestamp_id`` (default ``--timestamp-id``) of ``config``.
-
-        The modes reserve their run first (:meth:`reserve`) and store its id as
-        ``config.options.timestamp_id``, so every later call names the same folders; without
-        any id, a new run is reserved now.
+        """The folders of run ``timestamp_id`` (default ``--timestamp-id``) of ``config``; nothing
+        is created. The modes reserve their run first (:meth:`reserve`, the one place the id is
+        decided and shared between ranks) and store its id as ``config.options.timestamp_id``.
         """
         options = config.options
         run_id = timestamp_id or options.timestamp_id
         if run_id is None:
-            return cls.reserve(config)
+            raise ValueError("RunPaths.for_config needs a run id: reserve the run first")
         return cls.create(options.run_dir, logger=config.logger.name, timestamp_id=run_id)
 
     @classmethod
