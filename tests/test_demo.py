@@ -284,6 +284,7 @@ def test_output_is_complete_or_absent(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_sizes() -> None:
     assert resolve_size("small") == SIZES["small"] and resolve_size(7) == 7
-    for bad in ("huge", 2, True):
+    assert resolve_size("32") == 32  # --size N as the command line passes it
+    for bad in ("huge", 2, "2", "-5", True):
         with pytest.raises(ConfigError):
             resolve_size(bad)

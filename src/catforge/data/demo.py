@@ -125,6 +125,8 @@ def resolve_size(size: str | int) -> int:
     """Number of systems for a named size or an int."""
     if isinstance(size, str) and size in SIZES:
         return SIZES[size]
+    if isinstance(size, str) and size.isdigit():  # --size 32 on the command line
+        size = int(size)
     if isinstance(size, int) and not isinstance(size, bool) and size >= 3:
         return size
     raise ConfigError(f"demo size {size!r}: use one of {', '.join(SIZES)} or an int >= 3")
