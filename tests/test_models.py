@@ -23,6 +23,7 @@ from ase import Atoms
 from ase.build import bulk, make_supercell, molecule
 from torch import nn
 
+from catforge.assemble.models import build_model
 from catforge.config import Config, parse_config
 from catforge.config.parameters import model_parameters
 from catforge.data.atoms import atoms_to_graph
@@ -34,7 +35,6 @@ from catforge.data.lmdb import LmdbDataset, write_lmdb
 from catforge.data.neighbors import with_edges
 from catforge.errors import ConfigError
 from catforge.models import EnergyModel, ForceModel, ModelOutput
-from catforge.assemble.models import build_model
 from catforge.registry import MODELS
 from tests.factories import emt_slab, structures
 
