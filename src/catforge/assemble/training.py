@@ -62,12 +62,18 @@ def loss_settings(config: Config) -> LossSettings:
     )
 
 
+def primary_of(config: Config) -> str:
+    """The metric that picks ``best_checkpoint.pt`` and steps ReduceLROnPlateau:
+    ``task.primary_metric``, else the task's default."""
+    return config.task.primary_metric or primary_metric(config.task_name)
+
+
 def schedule(
     config: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int, total_steps: int
 ) -> LRSchedule:
     """The LR schedule of ``optim``; ReduceLROnPlateau steps on the primary val metric (OCP)."""
     optim = config.optim
-    primary = config.task.primary_metric or primary_metric(config.task_name)
+    primary = primary_of(config)
     direction: Literal["min", "max"] = "max" if metric_direction(primary) == "max" else "min"
     return build_scheduler(
         optimizer,
@@ -206,7 +212,7 @@ def train_settings(config: Config, steps_per_epoch: int, n_structures: int) -> T
         steps_per_epoch=steps_per_epoch,
         eval_every=eval_every,
         checkpoint_every=optim.checkpoint_every or eval_every,
-        primary=config.task.primary_metric or primary_metric(config.task_name),
+        primary=primary_of(config),
         task=config.task_name,
         print_every=config.options.print_every,
         seed=config.options.seed,

@@ -122,7 +122,7 @@ def predict(config: Config, context: RunContext) -> dict[str, float]:
         potential,
         evaluation_loader(config, test_set),
         size=len(test_set),  # type: ignore[arg-type]
-        task="is2re" if task == "is2re" else "s2ef",
+        task=task,
         results_dir=None if config.options.debug else context.paths.results_dir,
         dtype=config.task.prediction_dtype,
     )

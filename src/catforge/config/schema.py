@@ -284,7 +284,7 @@ class Config:
     options: RunOptions = field(default_factory=RunOptions)
 
     @property
-    def task_name(self) -> str:
+    def task_name(self) -> Literal["is2re", "s2ef"]:
         """The OC20 task whose metrics apply: ``is2re`` (energy trainer) or ``s2ef`` (forces)."""
         return "is2re" if self.trainer == "energy" else "s2ef"
 
